@@ -1,0 +1,14 @@
+"""The vectorised federated round: client training, strategies, server update."""
+
+from fedjax_fm.engine.client import make_client_update
+from fedjax_fm.engine.client import masked_mean_loss
+from fedjax_fm.engine.optimizers import CLIENT_OPTIMIZERS
+from fedjax_fm.engine.optimizers import SERVER_OPTIMIZERS
+from fedjax_fm.engine.optimizers import client_optimizer
+from fedjax_fm.engine.optimizers import server_optimizer
+from fedjax_fm.engine.round import FederatedRound
+from fedjax_fm.engine.round import ServerState
+from fedjax_fm.engine.round import build_round
+from fedjax_fm.engine.strategies import STRATEGIES
+from fedjax_fm.engine.strategies import clients_mesh
+from fedjax_fm.engine.strategies import run_clients

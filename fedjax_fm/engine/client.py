@@ -1,0 +1,84 @@
+"""Local training of one client: a `lax.scan` over its local steps.
+
+The function built here sees a single client; the execution strategies in
+`fedjax_fm.engine.strategies` map it over the clients axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_fm import tree_util
+
+# loss_fn(trainable, frozen, batch, key) -> per-example loss [B]
+LossFn = Callable[[Any, Any, Any, jax.Array], jax.Array]
+
+
+def masked_mean_loss(loss_fn: LossFn, params, frozen, batch, example_mask, key):
+  """Mean of the per-example losses over the real (unmasked) examples."""
+  per_example = loss_fn(params, frozen, batch, key)
+  mask = example_mask.astype(per_example.dtype)
+  count = jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(per_example * mask) / count
+
+
+def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransformation,
+                       prox_mu: float = 0.0):
+  """Builds ``client_update(global_params, frozen, data, key) -> (delta, metrics)``.
+
+  Args:
+    loss_fn: per-example loss of the trainable params given the frozen ones.
+    client_optimizer: optax transformation; its state starts fresh each round.
+    prox_mu: FedProx proximal coefficient: the local objective gets
+      ``prox_mu / 2 * ||params - global_params||^2`` (Li et al. 2020,
+      https://arxiv.org/abs/1812.06127). 0 gives FedAvg.
+
+  Returns:
+    The client update. ``data`` holds ``batch`` (leaves ``[S, B, ...]``),
+    ``example_mask [S, B]`` and ``step_mask [S]``; a masked step leaves the
+    params and optimizer state untouched, so padding never changes the result.
+    ``delta = local_params - global_params``; metrics are the mean training
+    loss over real steps, the number of real steps and examples.
+  """
+
+  def objective(params, global_params, frozen, batch, example_mask, key):
+    loss = masked_mean_loss(loss_fn, params, frozen, batch, example_mask, key)
+    total = loss
+    if prox_mu:
+      diff = tree_util.tree_sub(params, global_params)
+      total = loss + 0.5 * prox_mu * tree_util.tree_vdot(diff, diff)
+    return total, loss
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def client_update(global_params, frozen, data, key):
+    opt_state = client_optimizer.init(global_params)
+    num_steps = data['step_mask'].shape[0]
+
+    def step(carry, xs):
+      params, opt_state = carry
+      batch, example_mask, step_mask, s = xs
+      (_, loss), grads = grad_fn(params, global_params, frozen, batch, example_mask,
+                                 jax.random.fold_in(key, s))
+      updates, new_opt_state = client_optimizer.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      params = tree_util.tree_select(step_mask, new_params, params)
+      opt_state = tree_util.tree_select(step_mask, new_opt_state, opt_state)
+      return (params, opt_state), jnp.where(step_mask, loss, 0.0)
+
+    xs = (data['batch'], data['example_mask'], data['step_mask'], jnp.arange(num_steps))
+    (params, _), losses = jax.lax.scan(step, (global_params, opt_state), xs)
+    delta = tree_util.tree_sub(params, global_params)
+    real_steps = jnp.sum(data['step_mask'].astype(jnp.float32))
+    metrics = {
+        'loss': jnp.sum(losses) / jnp.maximum(real_steps, 1.0),
+        'steps': real_steps,
+        'examples': jnp.sum(data['example_mask'].astype(jnp.float32)),
+    }
+    return delta, metrics
+
+  return client_update

@@ -1,0 +1,165 @@
+"""One federated round as one compiled program.
+
+``build_round`` returns ``FederatedRound(init, apply)``::
+
+  state = fed_round.init(trainable_params, key)
+  state, metrics = fed_round.apply(state, frozen, round_data)   # one jax.jit
+
+``round_data`` is the padded array form of a round (see
+`fedjax_fm.data.FederatedDataset.round_batch`)::
+
+  batch          pytree of [C, S, B, ...]    client x local step x example
+  example_mask   bool [C, S, B]
+  step_mask      bool [C, S]
+  weight         float [C]                   aggregation weight (e.g. examples)
+  client_id      int [C]                     global client index
+  client_mask    bool [C] (optional)         False for padding clients
+
+Only the trainable pytree is per client, compressed and aggregated; the frozen
+pytree is broadcast to every client and is never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_fm import tree_util
+from fedjax_fm.aggregate import mean as mean_lib
+from fedjax_fm.aggregate.base import StreamingAggregator
+from fedjax_fm.compress import base as compress_base
+from fedjax_fm.engine import client as client_lib
+from fedjax_fm.engine import strategies
+
+
+class ServerState(NamedTuple):
+  """Everything the server carries from round to round."""
+  params: Any            # trainable params (pytree)
+  opt_state: Any         # server optimizer state
+  client_store: Any      # per-client persistent state, leading axis num_clients; () if none
+  key: jax.Array         # base PRNG key of the run
+  round: jax.Array       # int32 round counter
+
+
+class FederatedRound(NamedTuple):
+  """``init`` and the jitted ``apply`` of a round, plus static byte counts."""
+  init: Callable[..., ServerState]
+  apply: Callable[..., tuple[ServerState, dict]]
+  uplink_bytes_per_client: int     # from the compressor's payload arrays
+  downlink_bytes_per_client: int   # the broadcast trainable params
+
+
+def build_round(loss_fn: client_lib.LossFn,
+                params_like: Any,
+                *,
+                client_optimizer: optax.GradientTransformation,
+                server_optimizer: optax.GradientTransformation,
+                num_clients: int,
+                strategy: str = 'chunked',
+                chunk_size: int | None = None,
+                mesh=None,
+                prox_mu: float = 0.0,
+                aggregator: StreamingAggregator | None = None,
+                compressor: compress_base.Compressor | None = None,
+                donate: bool = False) -> FederatedRound:
+  """Builds a federated round.
+
+  Args:
+    loss_fn: ``loss_fn(trainable, frozen, batch, key) -> per-example loss [B]``.
+    params_like: the trainable params (or their ShapeDtypeStructs); fixes the
+      structure the round is built for.
+    client_optimizer: local optax optimizer (fresh state every round).
+    server_optimizer: optax optimizer applied to ``-mean_delta``.
+    num_clients: total clients in the population (size of the per-client store).
+    strategy: ``vmap``, ``chunked`` or ``sharded``.
+    chunk_size: clients per vmapped chunk (``chunked`` / per device for
+      ``sharded``); default all clients (per device).
+    mesh: device mesh with a ``clients`` axis for ``sharded`` (default: all
+      local devices).
+    prox_mu: FedProx coefficient (0 = FedAvg local objective).
+    aggregator: streaming aggregator (default: weighted mean).
+    compressor: uplink compressor (default: identity).
+    donate: donate the server state's buffers to the round.
+
+  Returns:
+    A `FederatedRound`.
+  """
+  if strategy not in strategies.STRATEGIES:
+    raise ValueError(f'strategy {strategy!r} is unknown; allowed: {strategies.STRATEGIES}')
+  aggregator = aggregator or mean_lib.weighted_mean()
+  compressor = compressor or compress_base.identity()
+  client_update = client_lib.make_client_update(loss_fn, client_optimizer, prox_mu)
+  params_shape = jax.eval_shape(lambda p: p, params_like)
+  uplink = compress_base.payload_nbytes(compressor, params_shape)
+  downlink = tree_util.tree_nbytes(params_shape)
+
+  def init(params, key) -> ServerState:
+    client_state = compressor.init(params)
+    store = jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape).copy(), client_state)
+    return ServerState(params=params, opt_state=server_optimizer.init(params),
+                       client_store=store, key=key, round=jnp.zeros((), jnp.int32))
+
+  def per_client(params, frozen, x):
+    train_key, encode_key = jax.random.split(x['key'])
+    delta, metrics = client_update(params, frozen, x['data'], train_key)
+    payload, client_state = compressor.encode(encode_key, delta, x['client_state'])
+    update = compressor.decode(payload)
+    metrics['update_norm'] = tree_util.tree_norm(delta)
+    return update, (client_state, metrics)
+
+  def apply(state: ServerState, frozen, round_data) -> tuple[ServerState, dict]:
+    weight = jnp.asarray(round_data['weight'], jnp.float32)
+    ids = jnp.asarray(round_data['client_id'], jnp.int32)
+    mask = round_data.get('client_mask')
+    mask = weight > 0 if mask is None else jnp.asarray(mask, bool)
+    weight = jnp.where(mask, weight, 0.0)
+    round_key = jax.random.fold_in(state.key, state.round)
+    keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids)
+    store_ids = jnp.where(mask, ids, num_clients)   # padding clients scatter out of bounds
+    client_states = jax.tree.map(lambda s: s.at[store_ids].get(mode='fill', fill_value=0),
+                                 state.client_store)
+    xs = {
+        'data': {k: round_data[k] for k in ('batch', 'example_mask', 'step_mask')},
+        'weight': weight,
+        'key': keys,
+        'client_state': client_states,
+    }
+    acc, (new_client_states, cm) = strategies.run_clients(
+        strategy, per_client, aggregator, state.params, frozen, xs,
+        chunk_size=chunk_size, mesh=mesh)
+    mean_delta, agg_info = aggregator.finalize(acc)
+
+    server_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
+    updates, opt_state = server_optimizer.update(server_grad, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    store = jax.tree.map(lambda s, n: s.at[store_ids].set(n, mode='drop'),
+                         state.client_store, new_client_states)
+
+    fmask = mask.astype(jnp.float32)
+    n = jnp.sum(fmask)
+    metrics = {
+        'train_loss': jnp.sum(cm['loss'] * fmask) / jnp.maximum(n, 1.0),
+        'client_loss': cm['loss'],
+        'client_examples': cm['examples'],
+        'client_update_norm': cm['update_norm'],
+        'client_mask': mask,
+        'num_clients': n,
+        'examples': jnp.sum(cm['examples'] * fmask),
+        'steps': jnp.sum(cm['steps'] * fmask),
+        'uplink_bytes': n * float(uplink),
+        'downlink_bytes': n * float(downlink),
+        'update_norm': tree_util.tree_norm(mean_delta),
+        'param_norm': tree_util.tree_norm(params),
+        'total_weight': agg_info['total_weight'],
+    }
+    new_state = ServerState(params=params, opt_state=opt_state, client_store=store,
+                            key=state.key, round=state.round + 1)
+    return new_state, metrics
+
+  jitted = jax.jit(apply, donate_argnums=(0,) if donate else ())
+  return FederatedRound(init=init, apply=jitted, uplink_bytes_per_client=uplink,
+                        downlink_bytes_per_client=downlink)

@@ -1,0 +1,247 @@
+"""Tests for the Llama-style decoder against NumPy references."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedjax_fm.models import decoder as dec
+from fedjax_fm.models.decoder import Decoder, DecoderConfig
+
+TINY = DecoderConfig(
+    vocab_size=37, dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
+    mlp_dim=24, max_len=12, rope_theta=10000.0, norm_eps=1e-6,
+)
+
+
+def _params(model):
+  return jax.tree_util.tree_map(
+      np.asarray, nnx.state(model, nnx.Param).to_pure_dict()
+  )
+
+
+# ---------------------------------------------------------------- NumPy refs
+
+
+def np_rmsnorm(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * scale
+
+
+def np_rope(x, positions, theta):
+  """x: [B, L, H, D]; positions: [L]. HF Llama rotate-half convention."""
+  d = x.shape[-1]
+  inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+  freqs = positions[:, None].astype(np.float64) * inv[None]
+  emb = np.concatenate([freqs, freqs], -1)
+  cos, sin = np.cos(emb)[None, :, None], np.sin(emb)[None, :, None]
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  rot = np.concatenate([-x2, x1], -1)
+  return x * cos + rot * sin
+
+
+def np_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_attention(p, x, cfg, mask):
+  """p: attn params; x [B,L,D]; mask [B,L,L] bool. Explicit repeat-kv."""
+  b, l, _ = x.shape
+  h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  q = (x @ p['q_proj']['kernel']).reshape(b, l, h, hd)
+  k = (x @ p['k_proj']['kernel']).reshape(b, l, kv, hd)
+  v = (x @ p['v_proj']['kernel']).reshape(b, l, kv, hd)
+  pos = np.arange(l)
+  q, k = np_rope(q, pos, cfg.rope_theta), np_rope(k, pos, cfg.rope_theta)
+  rep = h // kv
+  k = np.repeat(k, rep, axis=2)  # HF repeat_kv: head j uses kv head j // rep
+  v = np.repeat(v, rep, axis=2)
+  out = np.zeros((b, l, h, hd))
+  for bi in range(b):
+    for hi in range(h):
+      s = q[bi, :, hi] @ k[bi, :, hi].T / np.sqrt(hd)
+      s = np.where(mask[bi], s, -1e30)
+      out[bi, :, hi] = np_softmax(s) @ v[bi, :, hi]
+  return out.reshape(b, l, h * hd) @ p['o_proj']['kernel']
+
+
+def np_silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def np_decoder(params, ids, cfg, attention_mask=None):
+  b, l = ids.shape
+  x = params['embed']['embedding'][ids].astype(np.float64)
+  mask = np.tril(np.ones((l, l), bool))[None].repeat(b, 0)
+  if attention_mask is not None:
+    mask = mask & attention_mask.astype(bool)[:, None, :]
+  for i in range(cfg.num_layers):
+    lp = params['layers'][i]
+    h = np_rmsnorm(x, lp['attn_norm']['scale'], cfg.norm_eps)
+    x = x + np_attention(lp['attn'], h, cfg, mask)
+    h = np_rmsnorm(x, lp['mlp_norm']['scale'], cfg.norm_eps)
+    m = lp['mlp']
+    x = x + (np_silu(h @ m['gate_proj']['kernel']) * (h @ m['up_proj']['kernel'])
+             ) @ m['down_proj']['kernel']
+  x = np_rmsnorm(x, params['norm']['scale'], cfg.norm_eps)
+  if cfg.tie_embeddings:
+    return x @ params['embed']['embedding'].T
+  return x @ params['lm_head']['kernel']
+
+
+def _randomize_norms(model, seed):
+  """Gives RMSNorm scales non-trivial values so the tests can see them."""
+  rng = np.random.default_rng(seed)
+  for _, mod in nnx.iter_modules(model):
+    if isinstance(mod, dec.RMSNorm):
+      mod.scale.set_value(
+          jnp.asarray(rng.uniform(0.5, 1.5, mod.scale.shape), jnp.float32)
+      )
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_config_validation():
+  TINY.validate()
+  with pytest.raises(ValueError, match='num_heads'):
+    DecoderConfig(dim=30, num_heads=4).validate()
+  with pytest.raises(ValueError, match='num_kv_heads'):
+    DecoderConfig(dim=24, num_heads=6, num_kv_heads=4).validate()
+  with pytest.raises(ValueError, match='vocab_size'):
+    DecoderConfig(vocab_size=0).validate()
+  with pytest.raises(ValueError, match='dropout'):
+    DecoderConfig(dropout=1.0).validate()
+  with pytest.raises(ValueError, match='even'):
+    DecoderConfig(dim=12, num_heads=4, num_kv_heads=4).validate()
+
+
+@pytest.mark.parametrize('tie', [False, True])
+def test_shapes_and_names(tie):
+  cfg = DecoderConfig(**{**TINY.__dict__, 'tie_embeddings': tie})
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.zeros((3, 7), jnp.int32)
+  logits = model(ids)
+  assert logits.shape == (3, 7, cfg.vocab_size)
+  assert logits.dtype == jnp.float32
+  params = _params(model)
+  assert ('lm_head' in params) != tie
+  attn = params['layers'][0]['attn']
+  assert set(attn) == {'q_proj', 'k_proj', 'v_proj', 'o_proj'}
+  assert attn['k_proj']['kernel'].shape == (16, 2 * 4)
+  assert set(params['layers'][1]['mlp']) == {'gate_proj', 'up_proj',
+                                             'down_proj'}
+  assert all('bias' not in v for v in attn.values())
+  with pytest.raises(ValueError, match='max_len'):
+    model(jnp.zeros((1, 13), jnp.int32))
+
+
+def test_bf16_compute_gives_f32_logits():
+  cfg = DecoderConfig(**{**TINY.__dict__, 'dtype': jnp.bfloat16})
+  logits = Decoder(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 5), jnp.int32))
+  assert logits.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_causality():
+  model = Decoder(TINY, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, TINY.vocab_size, (2, 10))
+  base = np.asarray(model(jnp.asarray(ids)))
+  t = 6
+  ids2 = ids.copy()
+  ids2[:, t] = (ids2[:, t] + 1) % TINY.vocab_size
+  out = np.asarray(model(jnp.asarray(ids2)))
+  np.testing.assert_array_equal(out[:, :t], base[:, :t])
+  assert np.abs(out[:, t:] - base[:, t:]).max() > 1e-6
+
+
+def test_padding_mask_hides_padded_keys():
+  model = Decoder(TINY, rngs=nnx.Rngs(2))
+  rng = np.random.default_rng(1)
+  ids = rng.integers(0, TINY.vocab_size, (2, 8))
+  mask = np.ones((2, 8), np.int32)
+  mask[0, :3] = 0  # left padding of example 0
+  base = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  ids2 = ids.copy()
+  ids2[0, :3] = (ids2[0, :3] + 5) % TINY.vocab_size
+  out = np.asarray(model(jnp.asarray(ids2), jnp.asarray(mask)))
+  np.testing.assert_allclose(out[0, 3:], base[0, 3:], atol=1e-6)
+  assert np.all(np.isfinite(out))
+
+
+def test_rmsnorm_matches_numpy():
+  norm = dec.RMSNorm(8, eps=1e-5)
+  norm.scale.set_value(jnp.linspace(0.5, 2.0, 8))
+  x = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
+  np.testing.assert_allclose(
+      np.asarray(norm(jnp.asarray(x))),
+      np_rmsnorm(x, np.linspace(0.5, 2.0, 8), 1e-5), rtol=1e-5, atol=1e-5,
+  )
+
+
+def test_rope_matches_numpy_and_is_relative():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1, 9, 2, 8)).astype(np.float32)
+  pos = np.arange(9)
+  np.testing.assert_allclose(
+      np.asarray(dec.apply_rope(jnp.asarray(x), jnp.asarray(pos), 100.0)),
+      np_rope(x, pos, 100.0), atol=1e-5,
+  )
+  # Score between q at i and k at j only depends on i - j.
+  q = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
+  k = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
+
+  def score(i, j):
+    qi = dec.apply_rope(jnp.asarray(q), jnp.array([i]), 10000.0)
+    kj = dec.apply_rope(jnp.asarray(k), jnp.array([j]), 10000.0)
+    return float(jnp.sum(qi * kj))
+
+  for i, j, d in [(5, 2, 7), (3, 3, 11), (1, 8, 4)]:
+    np.testing.assert_allclose(score(i, j), score(i + d, j + d), atol=1e-4)
+  assert abs(score(5, 2) - score(5, 3)) > 1e-3
+
+
+def test_gqa_attention_matches_repeat_kv_reference():
+  cfg = DecoderConfig(vocab_size=11, dim=24, num_layers=1, num_heads=6,
+                      num_kv_heads=2, mlp_dim=8, max_len=8)
+  attn = dec.Attention(cfg, rngs=nnx.Rngs(3))
+  p = _params(attn)
+  x = np.random.default_rng(0).normal(size=(2, 7, 24)).astype(np.float32)
+  mask = np.tril(np.ones((7, 7), bool))[None].repeat(2, 0)
+  mask[1, :, :2] = False
+  mask[1, :2, 0] = True  # keep every row non-empty
+  out = attn(jnp.asarray(x), jnp.asarray(mask), jnp.arange(7))
+  np.testing.assert_allclose(
+      np.asarray(out), np_attention(p, x, cfg, mask), rtol=1e-5, atol=1e-5
+  )
+
+
+@pytest.mark.parametrize('tie', [False, True])
+def test_full_forward_matches_numpy(tie):
+  cfg = DecoderConfig(**{**TINY.__dict__, 'tie_embeddings': tie})
+  model = Decoder(cfg, rngs=nnx.Rngs(4))
+  _randomize_norms(model, 0)
+  rng = np.random.default_rng(2)
+  ids = rng.integers(0, cfg.vocab_size, (2, 9))
+  mask = np.ones((2, 9), np.int32)
+  mask[1, 6:] = 0
+  got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  want = np_decoder(_params(model), ids, cfg, mask)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  got = np.asarray(model(jnp.asarray(ids)))
+  np.testing.assert_allclose(got, np_decoder(_params(model), ids, cfg),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_only_with_rngs():
+  cfg = DecoderConfig(**{**TINY.__dict__, 'dropout': 0.5})
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.ones((1, 6), jnp.int32)
+  a, b = model(ids), model(ids)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c = model(ids, rngs=nnx.Rngs(dropout=1))
+  assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-4
