@@ -1,0 +1,243 @@
+"""The experiment configuration: its defaults and its validation.
+
+``base_config()`` holds every field with a working default; experiment configs
+under ``experiments/configs`` start from it and override what they need.
+``validate(config)`` runs before anything is built or compiled and raises one
+`ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import ml_collections
+
+from fedjax_fm.engine.optimizers import CLIENT_OPTIMIZERS
+from fedjax_fm.engine.optimizers import SERVER_OPTIMIZERS
+from fedjax_fm.engine.strategies import STRATEGIES
+
+MODEL_KINDS = ('minilm', 'encoder', 'decoder', 'mlp')
+PEFT_METHODS = ('full', 'lora')
+DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text')
+TASKS = ('classification', 'causal_lm')
+PARTITIONS = ('iid', 'dirichlet', 'shards', 'quantity_skew', 'natural')
+TOKENIZERS = ('minilm', 'sentencepiece', 'hf')
+SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval')
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of an experiment, with defaults that run offline."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_rounds = 30
+  c.log_every = 1
+  c.progress = True
+
+  c.model = ml_collections.ConfigDict(dict(
+      kind='minilm',            # minilm (bundled pretrained) | encoder | decoder | mlp
+      hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
+      vocab_size=0,             # 0: taken from the tokenizer
+      hidden=(64,),             # mlp hidden sizes
+      pooling='mean',
+      dropout=0.0,
+  ))
+  c.peft = ml_collections.ConfigDict(dict(
+      method='lora', rank=8, alpha=16.0, dropout=0.0,
+      target_modules=('query', 'value'),
+      extra_trainable=('classifier',),
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      source='stdlib_docs', task='classification',
+      name='', split='train', path='',
+      text_key='text', label_key='label', client_key='',
+      tokenizer='minilm', tokenizer_path='', vocab_size=512,
+      max_len=64, max_examples=0,
+      num_clients=100, partition='dirichlet', alpha=0.5, labels_per_client=2,
+      sigma=1.0, min_client_size=1,
+      eval_fraction=0.2,
+      # synthetic classification
+      num_examples=4000, num_features=16, num_classes=4,
+  ))
+  c.fl = ml_collections.ConfigDict(dict(
+      clients_per_round=10, local_steps=4, batch_size=8, max_epochs=1,
+      strategy='chunked', chunk_size=5, prox_mu=0.0,
+  ))
+  c.client_optimizer = ml_collections.ConfigDict(dict(
+      name='adam', learning_rate=1e-3, momentum=0.9, weight_decay=0.0))
+  c.server_optimizer = ml_collections.ConfigDict(dict(
+      name='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99, eps=1e-3))
+  c.eval = ml_collections.ConfigDict(dict(every=10, batch_size=64, max_examples=0))
+  return c
+
+
+def _err(field: str, value: Any, allowed: str) -> ConfigError:
+  return ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
+
+
+def _one_of(c, field: str, allowed: Sequence[str]):
+  value = _get(c, field)
+  if value not in allowed:
+    raise _err(field, value, f'allowed values are {tuple(allowed)}')
+
+
+def _get(c, field: str):
+  node = c
+  for part in field.split('.'):
+    node = node[part]
+  return node
+
+
+def _int_range(c, field: str, lo: int | None = None, hi: int | None = None, hi_name=''):
+  value = _get(c, field)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise _err(field, value, 'must be an integer')
+  if lo is not None and value < lo:
+    raise _err(field, value, f'must be >= {lo}')
+  if hi is not None and value > hi:
+    raise _err(field, value, f'must be <= {hi}' + (f' ({hi_name})' if hi_name else ''))
+
+
+def _float_range(c, field: str, lo=None, hi=None, lo_open=False, hi_open=False):
+  value = _get(c, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise _err(field, value, 'must be a number')
+  if lo is not None and (value <= lo if lo_open else value < lo):
+    raise _err(field, value, f'must be {">" if lo_open else ">="} {lo}')
+  if hi is not None and (value >= hi if hi_open else value > hi):
+    raise _err(field, value, f'must be {"<" if hi_open else "<="} {hi}')
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks every field; raises `ConfigError` naming the first bad one.
+
+  Args:
+    c: the experiment config.
+    num_devices: devices on the ``clients`` mesh axis (for ``sharded``);
+      default ``jax.local_device_count()``.
+  """
+  known = set(base_config().keys())
+  for key in c.keys():
+    if key not in known:
+      raise ConfigError(f'config.{key} is unknown; known top-level fields: {sorted(known)}')
+  base = base_config()
+  for section in SECTIONS:
+    if section not in c:
+      raise ConfigError(f'config.{section} is missing')
+    for key in c[section].keys():
+      if key not in base[section]:
+        raise ConfigError(f'config.{section}.{key} is unknown; known fields of '
+                          f'config.{section}: {sorted(base[section].keys())}')
+
+  _int_range(c, 'seed', 0)
+  _int_range(c, 'num_rounds', 1)
+  _int_range(c, 'log_every', 1)
+
+  # model
+  _one_of(c, 'model.kind', MODEL_KINDS)
+  for f in ('hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'mlp_dim'):
+    _int_range(c, f'model.{f}', 1)
+  _int_range(c, 'model.vocab_size', 0)
+  if c.model.hidden_size % c.model.num_heads:
+    raise _err('model.hidden_size', c.model.hidden_size,
+               f'must be divisible by config.model.num_heads={c.model.num_heads}')
+  if c.model.kind == 'decoder' and c.model.num_heads % c.model.num_kv_heads:
+    raise _err('model.num_kv_heads', c.model.num_kv_heads,
+               f'must divide config.model.num_heads={c.model.num_heads}')
+  if any((not isinstance(h, int)) or h < 1 for h in c.model.hidden):
+    raise _err('model.hidden', c.model.hidden, 'must be a tuple of positive integers')
+  _one_of(c, 'model.pooling', ('mean', 'cls'))
+  _float_range(c, 'model.dropout', 0.0, 1.0, hi_open=True)
+
+  # peft
+  _one_of(c, 'peft.method', PEFT_METHODS)
+  if c.peft.method == 'lora':
+    _int_range(c, 'peft.rank', 1)
+    _float_range(c, 'peft.alpha', 0.0, lo_open=True)
+    _float_range(c, 'peft.dropout', 0.0, 1.0, hi_open=True)
+    if not c.peft.target_modules:
+      raise _err('peft.target_modules', c.peft.target_modules,
+                 'must name at least one module (a name such as "query" or a regex)')
+    for pattern in tuple(c.peft.target_modules) + tuple(c.peft.extra_trainable):
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise _err('peft.target_modules', pattern, f'not a valid regex ({e})') from None
+
+  # data
+  d = c.data
+  _one_of(c, 'data.source', DATA_SOURCES)
+  _one_of(c, 'data.task', TASKS)
+  _one_of(c, 'data.partition', PARTITIONS)
+  _one_of(c, 'data.tokenizer', TOKENIZERS)
+  if d.source == 'tfds' and not d.name:
+    raise _err('data.name', d.name, 'a TFDS dataset name is required when data.source="tfds"')
+  if d.source in ('jsonl', 'csv', 'text') and not d.path:
+    raise _err('data.path', d.path, f'a file path is required when data.source={d.source!r}')
+  if d.partition == 'natural' and not d.client_key and d.source != 'stdlib_docs':
+    raise _err('data.client_key', d.client_key,
+               'a field name is required when data.partition="natural"')
+  if d.task == 'causal_lm' and c.model.kind != 'decoder':
+    raise _err('data.task', d.task, f'"causal_lm" needs config.model.kind="decoder", '
+               f'got {c.model.kind!r}')
+  if c.model.kind == 'decoder' and d.task != 'causal_lm':
+    raise _err('model.kind', c.model.kind, 'the decoder trains with data.task="causal_lm"')
+  if c.model.kind == 'mlp' and d.source not in ('synthetic', 'tfds'):
+    raise _err('model.kind', 'mlp', 'the MLP needs numeric features: data.source in '
+               '("synthetic", "tfds")')
+  _int_range(c, 'data.max_len', 2, 512)
+  _int_range(c, 'data.max_examples', 0)
+  _int_range(c, 'data.vocab_size', 16)
+  _int_range(c, 'data.num_clients', 1)
+  _float_range(c, 'data.alpha', 0.0, lo_open=True)
+  _int_range(c, 'data.labels_per_client', 1)
+  _float_range(c, 'data.sigma', 0.0)
+  _int_range(c, 'data.min_client_size', 0)
+  _float_range(c, 'data.eval_fraction', 0.0, 1.0, lo_open=True, hi_open=True)
+  _int_range(c, 'data.num_examples', 2)
+  _int_range(c, 'data.num_features', 1)
+  _int_range(c, 'data.num_classes', 2)
+  if d.source == 'synthetic' and d.num_clients > d.num_examples:
+    raise _err('data.num_clients', d.num_clients,
+               f'must be <= config.data.num_examples={d.num_examples}')
+
+  # federated learning
+  f = c.fl
+  _int_range(c, 'fl.clients_per_round', 1, d.num_clients,
+             'config.data.num_clients: cannot sample more clients than exist')
+  _int_range(c, 'fl.local_steps', 1)
+  _int_range(c, 'fl.batch_size', 1)
+  _int_range(c, 'fl.max_epochs', 1)
+  _one_of(c, 'fl.strategy', STRATEGIES)
+  _float_range(c, 'fl.prox_mu', 0.0)
+  if f.strategy in ('chunked', 'sharded'):
+    _int_range(c, 'fl.chunk_size', 1, f.clients_per_round,
+               'config.fl.clients_per_round')
+  if f.strategy == 'sharded':
+    if num_devices is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      num_devices = jax.local_device_count()
+    if f.clients_per_round < num_devices:
+      raise _err('fl.clients_per_round', f.clients_per_round,
+                 f'the sharded strategy needs at least one client per device ({num_devices})')
+
+  # optimizers
+  _one_of(c, 'client_optimizer.name', CLIENT_OPTIMIZERS)
+  _float_range(c, 'client_optimizer.learning_rate', 0.0, lo_open=True)
+  _float_range(c, 'client_optimizer.momentum', 0.0, 1.0, hi_open=True)
+  _float_range(c, 'client_optimizer.weight_decay', 0.0)
+  _one_of(c, 'server_optimizer.name', SERVER_OPTIMIZERS)
+  _float_range(c, 'server_optimizer.learning_rate', 0.0, lo_open=True)
+  _float_range(c, 'server_optimizer.momentum', 0.0, 1.0, hi_open=True)
+  _float_range(c, 'server_optimizer.b1', 0.0, 1.0, hi_open=True)
+  _float_range(c, 'server_optimizer.b2', 0.0, 1.0, hi_open=True)
+  _float_range(c, 'server_optimizer.eps', 0.0, lo_open=True)
+
+  # eval
+  _int_range(c, 'eval.every', 1)
+  _int_range(c, 'eval.batch_size', 1)
+  _int_range(c, 'eval.max_examples', 0)

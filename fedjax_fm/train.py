@@ -1,0 +1,451 @@
+"""``run(config, workdir)``: build an experiment from its config and train it.
+
+One linear loop, split by banner comments: validate -> data -> model and PEFT
+split -> round -> train (progress bar, one log line per round, JSONL metrics)
+-> summary. The library never reads flags; `experiments/main.py` turns flags
+into the ConfigDict handed to `run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from fedjax_fm import config as config_lib
+from fedjax_fm import data as data_lib
+from fedjax_fm import engine
+from fedjax_fm import models
+from fedjax_fm import peft
+from fedjax_fm import tree_util
+from fedjax_fm.data import partition as partition_lib
+from fedjax_fm.engine import sampling
+
+logger = logging.getLogger('fedjax_fm')
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A task's data, ready for training: clients and a held-out split."""
+  train: data_lib.FederatedDataset
+  eval: dict[str, np.ndarray]
+  num_labels: int = 0
+  label_names: tuple[str, ...] = ()
+  tokenizer: Any = None
+  description: str = ''
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything `run` builds, exposed for tests, notebooks and scripts."""
+  config: ml_collections.ConfigDict
+  data: TaskData
+  split: peft.Split
+  task: models.Task
+  fed_round: engine.FederatedRound
+  evaluate: Callable[[Any], dict[str, float]]
+  round_data: Callable[[int], dict]
+
+
+# --------------------------------------------------------------------- data
+
+def _tokenizer(config, texts, workdir):
+  d = config.data
+  if d.tokenizer == 'minilm':
+    return data_lib.HFTokenizer.from_pretrained_dir(models.hf.minilm_dir())
+  if d.tokenizer == 'hf':
+    if not d.tokenizer_path:
+      raise config_lib.ConfigError(
+          'config.data.tokenizer_path is empty: data.tokenizer="hf" needs a tokenizer.json '
+          'file or a directory holding one')
+    if os.path.isdir(d.tokenizer_path):
+      return data_lib.HFTokenizer.from_pretrained_dir(d.tokenizer_path)
+    return data_lib.HFTokenizer.from_file(d.tokenizer_path)
+  # sentencepiece: load a model file, or train one on the training texts.
+  if d.tokenizer_path:
+    return data_lib.SentencePieceTokenizer.load(d.tokenizer_path, add_bos=True)
+  os.makedirs(workdir, exist_ok=True)
+  prefix = os.path.join(workdir, 'spm')
+  return data_lib.SentencePieceTokenizer.train(
+      list(texts), vocab_size=d.vocab_size, model_path_prefix=prefix, add_bos=True)
+
+
+def _load_raw(config) -> tuple[dict[str, np.ndarray], tuple[str, ...], str]:
+  """Returns (arrays, label_names, description) before tokenization."""
+  d = config.data
+  if d.source == 'stdlib_docs':
+    raw = data_lib.load_stdlib_docstrings()
+    names = tuple(raw['label_names'])
+    arrays = {'text': raw['text'], 'label': raw['label'], 'module': raw['module']}
+    return arrays, names, (f'docstrings of the Python {len(names)}-package standard library, '
+                           f'labelled by package: {", ".join(names)}')
+  if d.source == 'synthetic':
+    rng = np.random.default_rng(config.seed + 1000)
+    centers = rng.normal(size=(d.num_classes, d.num_features)) * 1.5
+    label = rng.integers(0, d.num_classes, size=d.num_examples).astype(np.int32)
+    x = (centers[label] + rng.normal(size=(d.num_examples, d.num_features))).astype(np.float32)
+    names = tuple(f'class_{i}' for i in range(d.num_classes))
+    return {'x': x, 'label': label}, names, 'synthetic Gaussian mixture'
+  if d.source == 'tfds':
+    raw = data_lib.load_tfds(d.name, d.split, max_examples=d.max_examples or None)
+    desc = f'TFDS {d.name}[{d.split}]'
+  elif d.source == 'jsonl':
+    raw = data_lib.load_jsonl(d.path)
+    desc = f'JSONL {d.path}'
+  elif d.source == 'csv':
+    raw = data_lib.load_csv(d.path)
+    desc = f'CSV {d.path}'
+  else:
+    raw = data_lib.load_text(d.path)
+    desc = f'text {d.path}'
+  arrays = dict(raw)
+  names: tuple[str, ...] = ()
+  if d.task == 'classification':
+    if d.label_key not in arrays:
+      raise config_lib.ConfigError(
+          f'config.data.label_key={d.label_key!r} is not a field of the data; fields: '
+          f'{sorted(arrays)}')
+    labels = arrays[d.label_key]
+    if labels.dtype.kind in 'OUS':
+      names_arr, labels = np.unique(labels.astype(str), return_inverse=True)
+      names = tuple(str(n) for n in names_arr)
+    else:
+      names = tuple(str(i) for i in range(int(labels.max()) + 1))
+    arrays['label'] = labels.astype(np.int32)
+  return arrays, names, desc
+
+
+def build_task_data(config, workdir: str = '.') -> TaskData:
+  """Loads, featurizes, splits off the held-out set and partitions the clients."""
+  d = config.data
+  arrays, names, desc = _load_raw(config)
+  if d.max_examples and d.source != 'tfds':
+    arrays = {k: v[:d.max_examples] for k, v in arrays.items()}
+  n = len(next(iter(arrays.values())))
+  tokenizer = None
+  feats: dict[str, np.ndarray] = {}
+  if config.model.kind == 'mlp':
+    key = 'x' if 'x' in arrays else 'image'
+    if key not in arrays:
+      raise config_lib.ConfigError(
+          f'config.model.kind="mlp" needs a numeric feature "x" or "image"; the data has '
+          f'{sorted(arrays)}')
+    x = arrays[key].reshape(n, -1).astype(np.float32)
+    feats['x'] = x / 255.0 if arrays[key].dtype == np.uint8 else x
+  else:
+    if d.text_key not in arrays:
+      raise config_lib.ConfigError(
+          f'config.data.text_key={d.text_key!r} is not a field of the data; fields: '
+          f'{sorted(arrays)}')
+    texts = [str(t) for t in arrays[d.text_key]]
+    tokenizer = _tokenizer(config, texts, workdir)
+    enc = tokenizer.encode(texts, d.max_len)
+    feats['input_ids'] = enc['input_ids'].astype(np.int32)
+    feats['attention_mask'] = enc['attention_mask'].astype(np.int32)
+  if d.task == 'classification':
+    feats['label'] = arrays['label'].astype(np.int32)
+
+  # Held-out split: a seeded random fraction of all examples.
+  rng = np.random.default_rng(config.seed)
+  perm = rng.permutation(n)
+  n_eval = max(1, int(round(n * d.eval_fraction)))
+  eval_idx, train_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+  eval_arrays = {k: v[eval_idx] for k, v in feats.items()}
+  train_arrays = {k: v[train_idx] for k, v in feats.items()}
+  n_train = len(train_idx)
+  if d.num_clients > n_train:
+    raise config_lib.ConfigError(
+        f'config.data.num_clients={d.num_clients} is invalid: must be <= the number of '
+        f'training examples ({n_train})')
+
+  # Partition the training examples over clients.
+  if d.partition == 'iid':
+    parts = partition_lib.iid(n_train, d.num_clients, seed=config.seed)
+  elif d.partition == 'dirichlet':
+    parts = partition_lib.dirichlet(train_arrays['label'] if 'label' in train_arrays
+                                    else _require_labels(d), d.num_clients, d.alpha,
+                                    seed=config.seed, min_size=d.min_client_size)
+  elif d.partition == 'shards':
+    parts = partition_lib.shards(train_arrays['label'], d.num_clients, d.labels_per_client,
+                                 seed=config.seed)
+  elif d.partition == 'quantity_skew':
+    parts = partition_lib.quantity_skew(n_train, d.num_clients, d.sigma, seed=config.seed,
+                                        min_size=max(d.min_client_size, 1))
+  else:  # natural
+    key = d.client_key or 'module'
+    if key not in arrays:
+      raise config_lib.ConfigError(
+          f'config.data.client_key={key!r} is not a field of the data; fields: '
+          f'{sorted(arrays)}')
+    parts, _ = partition_lib.natural(np.asarray(arrays[key])[train_idx].astype(str))
+    if len(parts) < config.fl.clients_per_round:
+      raise config_lib.ConfigError(
+          f'config.fl.clients_per_round={config.fl.clients_per_round} is invalid: the natural '
+          f'partition by {key!r} has only {len(parts)} clients')
+  train = data_lib.FederatedDataset.from_partition(train_arrays, parts)
+  return TaskData(train=train, eval=eval_arrays, num_labels=len(names), label_names=names,
+                  tokenizer=tokenizer, description=desc)
+
+
+def _require_labels(d):
+  raise config_lib.ConfigError(
+      f'config.data.partition={d.partition!r} needs labels; use "iid", "quantity_skew" or '
+      '"natural" for unlabelled data')
+
+
+# -------------------------------------------------------------------- model
+
+def build_model(config, task_data: TaskData):
+  """Returns (nnx model, Task) for the config."""
+  m = config.model
+  rngs = nnx.Rngs(config.seed)
+  if m.kind == 'minilm':
+    model, _ = models.load_minilm_encoder(task_data.num_labels, rngs_seed=config.seed,
+                                          pooling=m.pooling, dropout=m.dropout)
+    return model, models.classification_task()
+  if m.kind == 'mlp':
+    in_dim = task_data.train.arrays['x'].shape[-1]
+    model = models.MLPClassifier(in_dim, tuple(m.hidden), task_data.num_labels, rngs=rngs)
+    return model, models.features_classification_task()
+  vocab = m.vocab_size or task_data.tokenizer.vocab_size
+  if vocab < task_data.tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f'config.model.vocab_size={vocab} is invalid: the tokenizer has '
+        f'{task_data.tokenizer.vocab_size} tokens')
+  if m.kind == 'encoder':
+    cfg = models.EncoderConfig(
+        vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_heads=m.num_heads, intermediate_size=m.mlp_dim,
+        max_position=max(config.data.max_len, 16), num_labels=task_data.num_labels,
+        pooling=m.pooling, dropout=m.dropout)
+    return models.Encoder(cfg, rngs=rngs), models.classification_task()
+  cfg = models.DecoderConfig(
+      vocab_size=vocab, dim=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads, mlp_dim=m.mlp_dim, max_len=config.data.max_len)
+  return models.Decoder(cfg, rngs=rngs), models.causal_lm_task()
+
+
+def build_split(config, model) -> peft.Split:
+  p = config.peft
+  if p.method == 'lora':
+    peft.apply_lora(model, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
+                    target_modules=tuple(p.target_modules),
+                    rngs=nnx.Rngs(config.seed + 1))
+    return peft.split_model(model, 'lora', extra_trainable=tuple(p.extra_trainable))
+  return peft.split_model(model, 'full')
+
+
+# --------------------------------------------------------------- evaluation
+
+def make_evaluator(split: peft.Split, task: models.Task, eval_arrays, batch_size: int,
+                   max_examples: int = 0):
+  """``evaluate(trainable) -> {metric: value}`` over the held-out split."""
+  eval_fn = models.make_eval_fn(split.graphdef, task)
+  n = len(next(iter(eval_arrays.values())))
+  if max_examples:
+    n = min(n, max_examples)
+  batch_size = min(batch_size, n)
+  num_batches = -(-n // batch_size)
+  padded = num_batches * batch_size
+  stacked = {k: np.concatenate([v[:n], np.zeros((padded - n,) + v.shape[1:], v.dtype)])
+             .reshape((num_batches, batch_size) + v.shape[1:]) for k, v in eval_arrays.items()}
+  mask = (np.arange(padded) < n).reshape(num_batches, batch_size).astype(np.float32)
+
+  @jax.jit
+  def run_eval(trainable, frozen, stacked, mask):
+    def body(sums, xs):
+      batch, m = xs
+      out = eval_fn(trainable, frozen, batch)
+      return jax.tree.map(lambda s, v: s + jnp.sum(v * m), sums, out), None
+    zeros = jax.tree.map(lambda s: jnp.zeros((), jnp.float32),
+                         jax.eval_shape(eval_fn, trainable, frozen,
+                                        jax.tree.map(lambda v: v[0], stacked)))
+    sums, _ = jax.lax.scan(body, zeros, (stacked, mask))
+    return sums
+
+  def evaluate(trainable):
+    sums = jax.device_get(run_eval(trainable, split.frozen, stacked, mask))
+    out = {}
+    if 'num_tokens' in sums:   # causal LM: token-weighted loss and perplexity
+      tokens = max(float(sums['num_tokens']), 1.0)
+      out['loss'] = float(sums['nll_sum']) / tokens
+      out['perplexity'] = float(np.exp(min(out['loss'], 50.0)))
+      out['token_accuracy'] = float(sums['correct_tokens']) / tokens
+    else:
+      out['loss'] = float(sums['loss']) / n
+      out['accuracy'] = float(sums['correct']) / n
+    return out
+
+  return evaluate
+
+
+# ------------------------------------------------------------------- build
+
+def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = None,
+                     mesh=None) -> Experiment:
+  """Validates the config and builds data, model split, round and evaluator."""
+  num_devices = mesh.shape['clients'] if mesh is not None else None
+  config_lib.validate(config, num_devices=num_devices)
+  task_data = build_task_data(config, workdir or '.')
+  model, task = build_model(config, task_data)
+  split = build_split(config, model)
+  f = config.fl
+  co, so = config.client_optimizer, config.server_optimizer
+  fed_round = engine.build_round(
+      models.make_loss_fn(split.graphdef, task), split.trainable,
+      client_optimizer=engine.client_optimizer(co.name, co.learning_rate, momentum=co.momentum,
+                                               weight_decay=co.weight_decay),
+      server_optimizer=engine.server_optimizer(so.name, so.learning_rate, momentum=so.momentum,
+                                               b1=so.b1, b2=so.b2, eps=so.eps),
+      num_clients=task_data.train.num_clients, strategy=f.strategy, chunk_size=f.chunk_size,
+      mesh=mesh, prox_mu=f.prox_mu)
+  evaluate = make_evaluator(split, task, task_data.eval, config.eval.batch_size,
+                            config.eval.max_examples)
+  devices = mesh.shape['clients'] if mesh is not None else jax.local_device_count()
+  multiple = f.chunk_size * (devices if f.strategy == 'sharded' else 1)
+  if f.strategy == 'vmap':
+    multiple = 1
+  padded_clients = -(-f.clients_per_round // multiple) * multiple
+
+  def round_data(round_idx: int) -> dict:
+    ids = sampling.sample_clients(task_data.train.num_clients, f.clients_per_round,
+                                  seed=config.seed, round_idx=round_idx)
+    return task_data.train.round_batch(ids, f.local_steps, f.batch_size, seed=config.seed,
+                                       round_idx=round_idx, max_epochs=f.max_epochs,
+                                       pad_clients_to=padded_clients)
+
+  return Experiment(config=config, data=task_data, split=split, task=task,
+                    fed_round=fed_round, evaluate=evaluate, round_data=round_data)
+
+
+# --------------------------------------------------------------------- run
+
+def _fmt_bytes(n: float) -> str:
+  for unit in ('B', 'KB', 'MB', 'GB'):
+    if n < 1024 or unit == 'GB':
+      return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+    n /= 1024
+  return str(n)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains a federated experiment and writes its metrics into ``workdir``.
+
+  Writes ``workdir/metrics.jsonl`` (one JSON object per round) and
+  ``workdir/summary.json``.
+
+  Returns:
+    The summary: held-out metrics before and after, totals and timings.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  exp = build_experiment(config, workdir)
+  cfg, split, fed = exp.config, exp.split, exp.fed_round
+  train = exp.data.train
+  n_trainable = tree_util.tree_size(split.trainable)
+  n_frozen = tree_util.tree_size(split.frozen)
+  _log(f'data: {exp.data.description}; {train.num_examples} training examples over '
+       f'{train.num_clients} clients (partition={cfg.data.partition}), '
+       f'{len(next(iter(exp.data.eval.values())))} held out')
+  _log(f'model: {cfg.model.kind}, peft={cfg.peft.method}: {n_trainable:,} trainable params '
+       f'({100.0 * n_trainable / max(n_trainable + n_frozen, 1):.2f}% of '
+       f'{n_trainable + n_frozen:,}), {_fmt_bytes(fed.uplink_bytes_per_client)} uplink per '
+       f'client per round')
+
+  # ---- before
+  before = exp.evaluate(split.trainable)
+  _log('held-out before: ' + _fmt_metrics(before))
+  state = fed.init(split.trainable, jax.random.key(cfg.seed))
+  frozen = split.frozen
+
+  # ---- train
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  total_up = total_down = 0
+  compile_s = 0.0
+  last_eval = before
+  rounds = range(cfg.num_rounds)
+  progress = _progress(rounds, cfg.progress)
+  compiled = None
+  with open(metrics_path, 'w') as out:
+    for r, data in zip(progress, data_lib.prefetch(exp.round_data(r) for r in rounds)):
+      t0 = time.time()
+      if compiled is None:
+        compiled = fed.apply.lower(state, frozen, data).compile()
+        compile_s = time.time() - t0
+        t0 = time.time()
+      state, m = compiled(state, frozen, data)
+      m = jax.device_get(m)
+      round_s = time.time() - t0
+      n_clients = int(m['num_clients'])
+      up = n_clients * fed.uplink_bytes_per_client
+      down = n_clients * fed.downlink_bytes_per_client
+      total_up += up
+      total_down += down
+      cmask = np.asarray(m['client_mask'])
+      record = {
+          'round': r + 1, 'train_loss': float(m['train_loss']), 'num_clients': n_clients,
+          'examples': int(m['examples']), 'uplink_bytes': up, 'downlink_bytes': down,
+          'cum_uplink_bytes': total_up, 'update_norm': float(m['update_norm']),
+          'param_norm': float(m['param_norm']), 'round_time_s': round_s,
+          'client_loss': [float(v) for v in np.asarray(m['client_loss'])[cmask]],
+          'client_update_norm': [float(v) for v in np.asarray(m['client_update_norm'])[cmask]],
+      }
+      if r == 0:
+        record['compile_time_s'] = compile_s
+      if (r + 1) % cfg.eval.every == 0 or r + 1 == cfg.num_rounds:
+        last_eval = exp.evaluate(state.params)
+        record['eval'] = last_eval
+      out.write(json.dumps(record) + '\n')
+      out.flush()
+      if hasattr(progress, 'set_postfix'):
+        progress.set_postfix(loss=f'{record["train_loss"]:.4f}')
+      if (r + 1) % cfg.log_every == 0 or 'eval' in record:
+        line = (f'round {r + 1}/{cfg.num_rounds} loss={record["train_loss"]:.4f} '
+                f'clients={n_clients} up={_fmt_bytes(up)} time={round_s:.3f}s')
+        if r == 0:
+          line += f' (compile {compile_s:.1f}s)'
+        if 'eval' in record:
+          line += ' | held-out ' + _fmt_metrics(record['eval'])
+        _log(line, progress)
+
+  summary = {
+      'before': before, 'after': last_eval, 'rounds': cfg.num_rounds,
+      'trainable_params': n_trainable, 'frozen_params': n_frozen,
+      'uplink_bytes_total': total_up, 'downlink_bytes_total': total_down,
+      'compile_time_s': compile_s, 'total_time_s': time.time() - t_start,
+      'data': exp.data.description,
+  }
+  with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
+    json.dump(summary, fh, indent=2)
+  _log(f'held-out after {cfg.num_rounds} rounds: ' + _fmt_metrics(last_eval) +
+       f' (before: {_fmt_metrics(before)}); uplink total {_fmt_bytes(total_up)}; '
+       f'{summary["total_time_s"]:.0f}s')
+  return summary
+
+
+def _fmt_metrics(m: dict) -> str:
+  return ' '.join(f'{k}={v:.4f}' for k, v in m.items())
+
+
+def _progress(it, enabled: bool):
+  if not enabled:
+    return it
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(it, desc='rounds', unit='round', dynamic_ncols=True)
+
+
+def _log(msg: str, progress=None):
+  logger.info(msg)
+  if progress is not None and hasattr(progress, 'write'):
+    progress.write(msg)
+  else:
+    print(msg, flush=True)

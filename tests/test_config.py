@@ -1,0 +1,113 @@
+"""Bad configs fail before anything compiles, with a message naming the field."""
+
+import pytest
+
+from fedjax_fm import config as config_lib
+
+
+def _set(c, dotted, value):
+  node = c
+  parts = dotted.split('.')
+  for p in parts[:-1]:
+    node = node[p]
+  node[parts[-1]] = value
+
+
+BAD_CASES = [
+    # (field, value, expected text in message)
+    ('model.kind', 'gpt5', "allowed values are ('minilm'"),
+    ('peft.method', 'qlora', "allowed values are ('full', 'lora')"),
+    ('peft.rank', 0, 'config.peft.rank=0 is invalid: must be >= 1'),
+    ('peft.alpha', -1.0, 'config.peft.alpha=-1.0 is invalid: must be > 0'),
+    ('peft.dropout', 1.0, 'config.peft.dropout=1.0 is invalid: must be < 1'),
+    ('peft.target_modules', (), 'config.peft.target_modules'),
+    ('peft.target_modules', ('query[',), 'not a valid regex'),
+    ('data.source', 'hub', "config.data.source='hub' is invalid: allowed values"),
+    ('data.partition', 'random', "allowed values are ('iid', 'dirichlet'"),
+    ('data.alpha', 0.0, 'config.data.alpha=0.0 is invalid: must be > 0'),
+    ('data.eval_fraction', 1.5, 'config.data.eval_fraction=1.5 is invalid: must be < 1'),
+    ('data.max_len', 1000, 'config.data.max_len=1000 is invalid: must be <= 512'),
+    ('data.num_clients', 0, 'config.data.num_clients=0 is invalid: must be >= 1'),
+    ('fl.clients_per_round', 101, 'cannot sample more clients than exist'),
+    ('fl.clients_per_round', 0, 'config.fl.clients_per_round=0 is invalid: must be >= 1'),
+    ('fl.local_steps', 0, 'config.fl.local_steps=0'),
+    ('fl.max_epochs', 0, 'config.fl.max_epochs=0 is invalid: must be >= 1'),
+    ('fl.strategy', 'pmap', "allowed values are ('vmap', 'chunked', 'sharded')"),
+    ('fl.chunk_size', 11, 'config.fl.chunk_size=11 is invalid: must be <= 10'),
+    ('fl.chunk_size', 0, 'config.fl.chunk_size=0 is invalid: must be >= 1'),
+    ('fl.prox_mu', -0.1, 'config.fl.prox_mu=-0.1'),
+    ('client_optimizer.name', 'lamb', "allowed values are ('sgd', 'momentum', 'adam')"),
+    ('client_optimizer.learning_rate', 0.0, 'must be > 0'),
+    ('server_optimizer.name', 'fedsgd', "('fedavg', 'fedavgm', 'fedadam', 'fedyogi', "
+     "'fedadagrad')"),
+    ('server_optimizer.b2', 1.0, 'config.server_optimizer.b2=1.0 is invalid: must be < 1'),
+    ('num_rounds', 0, 'config.num_rounds=0 is invalid: must be >= 1'),
+    ('eval.every', 0, 'config.eval.every=0'),
+    ('model.num_heads', 5, 'must be divisible by config.model.num_heads=5'),
+]
+
+
+@pytest.mark.parametrize('field,value,message', BAD_CASES)
+def test_bad_value_names_field(field, value, message):
+  c = config_lib.base_config()
+  _set(c, field, value)
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(c, num_devices=1)
+  assert message in str(info.value)
+
+
+def test_default_is_valid():
+  config_lib.validate(config_lib.base_config(), num_devices=1)
+
+
+def test_unknown_field():
+  c = config_lib.base_config()
+  with c.fl.unlocked():
+    c.fl.clients_per_rnd = 3
+  with pytest.raises(config_lib.ConfigError, match=r'config.fl.clients_per_rnd is unknown'):
+    config_lib.validate(c, num_devices=1)
+
+
+def test_unknown_top_level_field():
+  c = config_lib.base_config()
+  c.rounds = 3
+  with pytest.raises(config_lib.ConfigError, match=r'config.rounds is unknown'):
+    config_lib.validate(c, num_devices=1)
+
+
+def test_decoder_requires_causal_lm_and_kv_heads():
+  c = config_lib.base_config()
+  c.model.kind = 'decoder'
+  with pytest.raises(config_lib.ConfigError, match='data.task="causal_lm"'):
+    config_lib.validate(c, num_devices=1)
+  c.data.task = 'causal_lm'
+  c.model.num_kv_heads = 3
+  with pytest.raises(config_lib.ConfigError, match='config.model.num_kv_heads=3'):
+    config_lib.validate(c, num_devices=1)
+
+
+def test_sources_need_their_fields():
+  c = config_lib.base_config()
+  c.data.source = 'tfds'
+  with pytest.raises(config_lib.ConfigError, match='config.data.name'):
+    config_lib.validate(c, num_devices=1)
+  c = config_lib.base_config()
+  c.data.source = 'jsonl'
+  with pytest.raises(config_lib.ConfigError, match='config.data.path'):
+    config_lib.validate(c, num_devices=1)
+
+
+def test_sharded_needs_a_client_per_device():
+  c = config_lib.base_config()
+  c.fl.strategy = 'sharded'
+  c.fl.clients_per_round = 4
+  c.fl.chunk_size = 1
+  with pytest.raises(config_lib.ConfigError, match='at least one client per device'):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_mlp_needs_numeric_features():
+  c = config_lib.base_config()
+  c.model.kind = 'mlp'
+  with pytest.raises(config_lib.ConfigError, match='config.model.kind'):
+    config_lib.validate(c, num_devices=1)
