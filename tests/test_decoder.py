@@ -18,7 +18,7 @@ TINY = DecoderConfig(
 
 def _params(model):
   return jax.tree_util.tree_map(
-      np.asarray, nnx.state(model, nnx.Param).to_pure_dict()
+      np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))
   )
 
 
@@ -84,8 +84,8 @@ def np_decoder(params, ids, cfg, attention_mask=None):
     x = x + np_attention(lp['attn'], h, cfg, mask)
     h = np_rmsnorm(x, lp['mlp_norm']['scale'], cfg.norm_eps)
     m = lp['mlp']
-    x = x + (np_silu(h @ m['gate_proj']['kernel']) * (h @ m['up_proj']['kernel'])
-             ) @ m['down_proj']['kernel']
+    gate = np_silu(h @ m['gate_proj']['kernel'])
+    x = x + (gate * (h @ m['up_proj']['kernel'])) @ m['down_proj']['kernel']
   x = np_rmsnorm(x, params['norm']['scale'], cfg.norm_eps)
   if cfg.tie_embeddings:
     return x @ params['embed']['embedding'].T
