@@ -1,0 +1,142 @@
+"""End-to-end: every experiment config's tiny variant, the main binary, invariants."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_fm import config as config_lib
+from fedjax_fm import models
+from fedjax_fm import peft
+from fedjax_fm import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, 'experiments', 'configs')
+
+
+def load_config(name, arg='tiny'):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, name + '.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.progress = False
+  return c
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_every_config_documents_its_command():
+  names = [f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py') and f != '__init__.py']
+  assert len(names) >= 4
+  for name in names:
+    with open(os.path.join(CONFIG_DIR, name + '.py')) as f:
+      text = f.read()
+    assert f'python -m experiments.main --config=experiments/configs/{name}.py' in text
+    config_lib.validate(load_config(name, ''), num_devices=1)
+    config_lib.validate(load_config(name, 'tiny'), num_devices=1)
+    with pytest.raises(ValueError, match='unknown'):
+      load_config(name, 'huge')
+
+
+def test_mlp_synthetic_tiny_learns(tmp_path):
+  summary = train.run(load_config('mlp_synthetic'), str(tmp_path))
+  assert summary['after']['accuracy'] > summary['before']['accuracy'] + 0.2
+  records = _read_metrics(tmp_path)
+  assert [r['round'] for r in records] == [1, 2, 3]
+  assert records[0]['compile_time_s'] > 0
+  # uplink = participating clients x the trainable params' f32 bytes (no compression).
+  assert records[0]['uplink_bytes'] == records[0]['num_clients'] * summary['trainable_params'] * 4
+  assert records[-1]['cum_uplink_bytes'] == sum(r['uplink_bytes'] for r in records)
+  assert len(records[0]['client_loss']) == records[0]['num_clients'] == 8
+
+
+@pytest.mark.parametrize('strategy,chunk', [('vmap', 8), ('sharded', 1)])
+def test_strategies_agree_end_to_end(tmp_path, strategy, chunk):
+  base = load_config('mlp_synthetic')
+  base.fl.chunk_size = 4
+  ref = train.run(base, str(tmp_path / 'chunked'))
+  other = load_config('mlp_synthetic')
+  other.fl.strategy, other.fl.chunk_size = strategy, chunk
+  got = train.run(other, str(tmp_path / strategy))
+  np.testing.assert_allclose(got['after']['loss'], ref['after']['loss'], rtol=1e-5)
+
+
+def test_tfds_mnist_tiny_on_mock_data(tmp_path):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=200):
+    summary = train.run(load_config('tfds_mnist'), str(tmp_path))
+  assert summary['data'].startswith('TFDS mnist')
+  assert np.isfinite(summary['after']['loss'])
+  assert len(_read_metrics(tmp_path)) == 2
+
+
+@pytest.mark.slow
+def test_decoder_lora_tiny(tmp_path):
+  summary = train.run(load_config('decoder_lora_lm'), str(tmp_path))
+  assert os.path.exists(tmp_path / 'spm.model')
+  assert summary['after']['loss'] < summary['before']['loss']
+  assert 'perplexity' in summary['after']
+
+
+@pytest.mark.slow
+def test_default_minilm_lora_tiny_keeps_base_bit_identical(tmp_path):
+  config = load_config('default')
+  exp = train.build_experiment(config, str(tmp_path))
+  split, fed = exp.split, exp.fed_round
+  # Only the LoRA factors and the classifier head are trainable and sent.
+  flat = {'/'.join(map(str, k)): v for k, v in
+          jax.tree_util.tree_flatten_with_path(split.trainable)[0]}
+  assert flat and all(('lora_a' in k or 'lora_b' in k or 'classifier' in k) for k in flat)
+  assert fed.uplink_bytes_per_client == peft.tree_bytes(split.trainable)
+  assert peft.count_params(split.trainable) < 0.01 * peft.count_params(split.frozen)
+
+  state = fed.init(split.trainable, jax.random.key(0))
+  for r in range(2):
+    state, metrics = fed.apply(state, split.frozen, exp.round_data(r))
+  assert np.isfinite(float(metrics['train_loss']))
+  # The trained model's base weights equal the checkpoint's, bit for bit.
+  trained = peft.merge(split.graphdef, state.params, split.frozen)
+  ckpt = models.hf.load_safetensors(models.hf.minilm_dir())
+  np.testing.assert_array_equal(
+      np.asarray(trained.layers[0].query.base.kernel[...]),
+      ckpt['encoder.layer.0.attention.self.query.weight'].T)
+  np.testing.assert_array_equal(
+      np.asarray(trained.embeddings.word.embedding[...]),
+      ckpt['embeddings.word_embeddings.weight'])
+  # ... while the LoRA B factors moved away from zero.
+  assert float(np.abs(np.asarray(state.params['layers'][0]['query']['lora_b'])).max()) > 0
+
+
+@pytest.mark.slow
+def test_main_binary_runs_default_tiny(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.main',
+       '--config=experiments/configs/default.py:tiny', f'--workdir={workdir}',
+       '--config.num_rounds=1', '--config.progress=False'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, 'XLA_FLAGS': ''})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'held-out before' in proc.stdout and 'held-out after 1 rounds' in proc.stdout
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['rounds'] == 1 and summary['trainable_params'] > 0
+  assert len(_read_metrics(workdir)) == 1
+
+
+def test_main_binary_rejects_bad_override(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.main',
+       '--config=experiments/configs/mlp_synthetic.py:tiny', f'--workdir={tmp_path}',
+       '--config.fl.clients_per_round=1000'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'config.fl.clients_per_round=1000 is invalid' in proc.stderr
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')
