@@ -15,7 +15,7 @@ from fedjax_fm import config as config_lib
 
 def get_config(arg: str = ''):
   c = config_lib.base_config()
-  c.num_rounds = 30
+  c.num_rounds = 50
   c.model.kind = 'minilm'
   c.peft.method = 'lora'
   c.peft.rank = 8
@@ -23,7 +23,7 @@ def get_config(arg: str = ''):
   c.peft.target_modules = ('query', 'value')
   c.peft.extra_trainable = ('classifier',)
   c.data.source = 'stdlib_docs'
-  c.data.max_len = 48
+  c.data.max_len = 32
   c.data.num_clients = 100
   c.data.partition = 'dirichlet'
   c.data.alpha = 0.5
@@ -32,7 +32,7 @@ def get_config(arg: str = ''):
   c.fl.local_steps = 4
   c.fl.batch_size = 8
   c.fl.strategy = 'chunked'
-  c.fl.chunk_size = 5
+  c.fl.chunk_size = 10
   c.client_optimizer.name = 'adam'
   c.client_optimizer.learning_rate = 2e-3
   c.server_optimizer.name = 'fedavg'

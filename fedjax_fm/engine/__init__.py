@@ -9,6 +9,7 @@ from fedjax_fm.engine.optimizers import server_optimizer
 from fedjax_fm.engine.round import FederatedRound
 from fedjax_fm.engine.round import ServerState
 from fedjax_fm.engine.round import build_round
+from fedjax_fm.engine.sampling import sample_clients
 from fedjax_fm.engine.strategies import STRATEGIES
 from fedjax_fm.engine.strategies import clients_mesh
 from fedjax_fm.engine.strategies import run_clients
