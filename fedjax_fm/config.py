@@ -23,7 +23,8 @@ DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text')
 TASKS = ('classification', 'causal_lm')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'quantity_skew', 'natural')
 TOKENIZERS = ('minilm', 'sentencepiece', 'hf')
-SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval')
+SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval',
+            'checkpoint')
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_optimizer = ml_collections.ConfigDict(dict(
       name='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99, eps=1e-3))
   c.eval = ml_collections.ConfigDict(dict(every=10, batch_size=64, max_examples=0))
+  # Orbax checkpoints under workdir/checkpoints every N rounds (0: only at the end);
+  # rerunning with the same workdir resumes from the latest.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
   return c
 
 
@@ -241,3 +245,5 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _int_range(c, 'eval.every', 1)
   _int_range(c, 'eval.batch_size', 1)
   _int_range(c, 'eval.max_examples', 0)
+  _int_range(c, 'checkpoint.every', 0)
+  _int_range(c, 'checkpoint.keep', 1)

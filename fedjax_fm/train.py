@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from fedjax_fm import checkpoint as checkpoint_lib
 from fedjax_fm import config as config_lib
 from fedjax_fm import data as data_lib
 from fedjax_fm import engine
@@ -361,21 +362,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
        f'{n_trainable + n_frozen:,}), {_fmt_bytes(fed.uplink_bytes_per_client)} uplink per '
        f'client per round')
 
-  # ---- before
-  before = exp.evaluate(split.trainable)
-  _log('held-out before: ' + _fmt_metrics(before))
+  # ---- before, or resume
   state = fed.init(split.trainable, jax.random.key(cfg.seed))
   frozen = split.frozen
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                     every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  start = 0
+  if ckpt.latest_round() is not None:
+    state, extras = ckpt.restore(state)
+    start = int(state.round)
+    before, last_eval = extras['before'], extras['last_eval']
+    total_up, total_down = extras['total_up'], extras['total_down']
+    _keep_records(metrics_path, start)
+    _log(f'resumed from {ckpt.directory} at round {start}')
+  else:
+    before = exp.evaluate(split.trainable)
+    last_eval = before
+    total_up = total_down = 0
+    _keep_records(metrics_path, 0)
+    _log('held-out before: ' + _fmt_metrics(before))
 
   # ---- train
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  total_up = total_down = 0
   compile_s = 0.0
-  last_eval = before
-  rounds = range(cfg.num_rounds)
+  rounds = range(start, cfg.num_rounds)
   progress = _progress(rounds, cfg.progress)
   compiled = None
-  with open(metrics_path, 'w') as out:
+  with open(metrics_path, 'a') as out:
     for r, data in zip(progress, data_lib.prefetch(exp.round_data(r) for r in rounds)):
       t0 = time.time()
       if compiled is None:
@@ -399,30 +412,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           'client_loss': [float(v) for v in np.asarray(m['client_loss'])[cmask]],
           'client_update_norm': [float(v) for v in np.asarray(m['client_update_norm'])[cmask]],
       }
-      if r == 0:
+      if r == start:
         record['compile_time_s'] = compile_s
       if (r + 1) % cfg.eval.every == 0 or r + 1 == cfg.num_rounds:
         last_eval = exp.evaluate(state.params)
         record['eval'] = last_eval
       out.write(json.dumps(record) + '\n')
       out.flush()
+      ckpt.maybe_save(state, dict(before=before, last_eval=last_eval, total_up=total_up,
+                                  total_down=total_down),
+                      force=r + 1 == cfg.num_rounds)
       if hasattr(progress, 'set_postfix'):
         progress.set_postfix(loss=f'{record["train_loss"]:.4f}')
       if (r + 1) % cfg.log_every == 0 or 'eval' in record:
         line = (f'round {r + 1}/{cfg.num_rounds} loss={record["train_loss"]:.4f} '
                 f'clients={n_clients} up={_fmt_bytes(up)} time={round_s:.3f}s')
-        if r == 0:
+        if r == start:
           line += f' (compile {compile_s:.1f}s)'
         if 'eval' in record:
           line += ' | held-out ' + _fmt_metrics(record['eval'])
         _log(line, progress)
+  ckpt.close()
 
   summary = {
       'before': before, 'after': last_eval, 'rounds': cfg.num_rounds,
       'trainable_params': n_trainable, 'frozen_params': n_frozen,
       'uplink_bytes_total': total_up, 'downlink_bytes_total': total_down,
       'compile_time_s': compile_s, 'total_time_s': time.time() - t_start,
-      'data': exp.data.description,
+      'data': exp.data.description, 'final_round': int(state.round),
   }
   with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
     json.dump(summary, fh, indent=2)
@@ -430,6 +447,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
        f' (before: {_fmt_metrics(before)}); uplink total {_fmt_bytes(total_up)}; '
        f'{summary["total_time_s"]:.0f}s')
   return summary
+
+
+def _keep_records(path: str, upto: int) -> None:
+  """Keeps the metrics records of rounds <= upto (drops those of a killed run)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['round'] <= upto:
+        kept.append(line)
+    except (json.JSONDecodeError, KeyError):
+      break   # a torn last line from a kill mid-write
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def _fmt_metrics(m: dict) -> str:
