@@ -27,13 +27,15 @@ def _to_saveable(state: ServerState) -> dict:
       'client_store': state.client_store,
       'key_data': jax.random.key_data(state.key),
       'round': state.round,
+      'aux': state.aux,
   }
 
 
 def _from_saveable(tree: dict, like: ServerState) -> ServerState:
   key = jax.random.wrap_key_data(tree['key_data'], impl=jax.random.key_impl(like.key))
   return ServerState(params=tree['params'], opt_state=tree['opt_state'],
-                     client_store=tree['client_store'], key=key, round=tree['round'])
+                     client_store=tree['client_store'], key=key, round=tree['round'],
+                     aux=tree['aux'])
 
 
 class Checkpointer:

@@ -52,3 +52,9 @@ def tree_nbytes(tree) -> int:
 def tree_size(tree) -> int:
   """Number of scalars in a pytree."""
   return sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(tree))
+
+
+def tree_all_finite(tree):
+  """Scalar bool: every entry of every leaf is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)

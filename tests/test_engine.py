@@ -256,3 +256,21 @@ def test_bad_strategy_and_chunk():
   fed = build('chunked', 3)
   with pytest.raises(ValueError, match='chunk_size=3'):
     fed.apply(fed.init(init_params(), jax.random.key(0)), FROZEN, make_round_data())
+
+
+@pytest.mark.parametrize('strategy,chunk', [('chunked', 2), ('sharded', 1)])
+def test_nonfinite_updates_are_dropped(strategy, chunk):
+  data = make_round_data(num_clients=8, ragged=False)
+  poisoned = jax.tree.map(np.copy, data)
+  poisoned['batch']['x'][2, 0, 0, 0] = np.nan
+  poisoned['batch']['x'][5, 1, 0, 0] = np.inf
+  without = jax.tree.map(lambda a: np.delete(a, [2, 5], axis=0), data)
+  fed = build(strategy, chunk)
+  ref = build('vmap')
+  s_p, m_p = fed.apply(fed.init(init_params(), jax.random.key(0)), FROZEN, poisoned)
+  s_r, _ = ref.apply(ref.init(init_params(), jax.random.key(0)), FROZEN, without)
+  assert float(m_p['nonfinite_clients']) == 2
+  assert np.isfinite(float(m_p['train_loss']))
+  for k in s_r.params:
+    assert np.all(np.isfinite(s_p.params[k]))
+    np.testing.assert_allclose(s_p.params[k], s_r.params[k], rtol=1e-5, atol=1e-6)

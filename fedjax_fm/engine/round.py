@@ -42,6 +42,7 @@ class ServerState(NamedTuple):
   client_store: Any      # per-client persistent state, leading axis num_clients; () if none
   key: jax.Array         # base PRNG key of the run
   round: jax.Array       # int32 round counter
+  aux: Any = ()          # state of optional parts (e.g. adaptive clipping); () if none
 
 
 class FederatedRound(NamedTuple):
@@ -62,8 +63,10 @@ def build_round(loss_fn: client_lib.LossFn,
                 chunk_size: int | None = None,
                 mesh=None,
                 prox_mu: float = 0.0,
-                aggregator: StreamingAggregator | None = None,
+                aggregator: StreamingAggregator | Any | None = None,
                 compressor: compress_base.Compressor | None = None,
+                privacy: Any = None,
+                guard_nonfinite: bool = True,
                 donate: bool = False) -> FederatedRound:
   """Builds a federated round.
 
@@ -80,8 +83,16 @@ def build_round(loss_fn: client_lib.LossFn,
     mesh: device mesh with a ``clients`` axis for ``sharded`` (default: all
       local devices).
     prox_mu: FedProx coefficient (0 = FedAvg local objective).
-    aggregator: streaming aggregator (default: weighted mean).
+    aggregator: a streaming aggregator (default: weighted mean), or a stacked
+      one (an object with ``aggregate(updates [C, ...], weights [C])``, e.g.
+      median or Krum) which sees all updates at once (memory O(C)).
     compressor: uplink compressor (default: identity).
+    privacy: client-level DP: an object with ``clip(delta) -> (delta, norm)``,
+      applied per client before encoding, and ``noise(key, mean, num_clients)``
+      applied to the aggregate. With privacy, clients are averaged with
+      uniform weights (the sensitivity of the mean is clip / clients).
+    guard_nonfinite: drop (weight 0) any client whose decoded update has a NaN
+      or Inf, so it never reaches the model; counted in the metrics.
     donate: donate the server state's buffers to the round.
 
   Returns:
@@ -90,6 +101,7 @@ def build_round(loss_fn: client_lib.LossFn,
   if strategy not in strategies.STRATEGIES:
     raise ValueError(f'strategy {strategy!r} is unknown; allowed: {strategies.STRATEGIES}')
   aggregator = aggregator or mean_lib.weighted_mean()
+  stacked = hasattr(aggregator, 'aggregate')
   compressor = compressor or compress_base.identity()
   client_update = client_lib.make_client_update(loss_fn, client_optimizer, prox_mu)
   params_shape = jax.eval_shape(lambda p: p, params_like)
@@ -106,10 +118,22 @@ def build_round(loss_fn: client_lib.LossFn,
   def per_client(params, frozen, x):
     train_key, encode_key = jax.random.split(x['key'])
     delta, metrics = client_update(params, frozen, x['data'], train_key)
+    metrics['update_norm'] = tree_util.tree_norm(delta)
+    if privacy is not None:
+      delta, _ = privacy.clip(delta)
     payload, client_state = compressor.encode(encode_key, delta, x['client_state'])
     update = compressor.decode(payload)
-    metrics['update_norm'] = tree_util.tree_norm(delta)
-    return update, (client_state, metrics)
+    weight = x['weight']
+    finite = jnp.asarray(True)
+    if guard_nonfinite:
+      finite = tree_util.tree_all_finite(update)
+      update = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), update)
+      weight = jnp.where(finite, weight, 0.0)
+    metrics['finite'] = finite
+    outputs = (client_state, metrics, (update, weight) if stacked else ())
+    if stacked:   # the stacked aggregator sees all updates after the strategy
+      return jax.tree.map(jnp.zeros_like, update), jnp.zeros_like(weight), outputs
+    return update, weight, outputs
 
   def apply(state: ServerState, frozen, round_data) -> tuple[ServerState, dict]:
     weight = jnp.asarray(round_data['weight'], jnp.float32)
@@ -117,6 +141,8 @@ def build_round(loss_fn: client_lib.LossFn,
     mask = round_data.get('client_mask')
     mask = weight > 0 if mask is None else jnp.asarray(mask, bool)
     weight = jnp.where(mask, weight, 0.0)
+    if privacy is not None:
+      weight = mask.astype(jnp.float32)   # uniform weights bound the mean's sensitivity
     round_key = jax.random.fold_in(state.key, state.round)
     keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids)
     store_ids = jnp.where(mask, ids, num_clients)   # padding clients scatter out of bounds
@@ -128,10 +154,19 @@ def build_round(loss_fn: client_lib.LossFn,
         'key': keys,
         'client_state': client_states,
     }
-    acc, (new_client_states, cm) = strategies.run_clients(
-        strategy, per_client, aggregator, state.params, frozen, xs,
+    run_aggregator = mean_lib.weighted_mean() if stacked else aggregator
+    acc, (new_client_states, cm, collected) = strategies.run_clients(
+        strategy, per_client, run_aggregator, state.params, frozen, xs,
         chunk_size=chunk_size, mesh=mesh)
-    mean_delta, agg_info = aggregator.finalize(acc)
+    if stacked:
+      updates, weights = collected
+      mean_delta = aggregator.aggregate(updates, weights)
+      agg_info = {'total_weight': jnp.sum(weights)}
+    else:
+      mean_delta, agg_info = aggregator.finalize(acc)
+    if privacy is not None:
+      noise_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFF))
+      mean_delta = privacy.noise(noise_key, mean_delta, jnp.sum(mask.astype(jnp.float32)))
 
     server_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
     updates, opt_state = server_optimizer.update(server_grad, state.opt_state, state.params)
@@ -140,9 +175,10 @@ def build_round(loss_fn: client_lib.LossFn,
                          state.client_store, new_client_states)
 
     fmask = mask.astype(jnp.float32)
+    ok = mask & cm['finite'] & jnp.isfinite(cm['loss'])   # clients counted in the loss
     n = jnp.sum(fmask)
     metrics = {
-        'train_loss': jnp.sum(cm['loss'] * fmask) / jnp.maximum(n, 1.0),
+        'train_loss': jnp.sum(jnp.where(ok, cm['loss'], 0.0)) / jnp.maximum(jnp.sum(ok), 1),
         'client_loss': cm['loss'],
         'client_examples': cm['examples'],
         'client_update_norm': cm['update_norm'],
@@ -155,9 +191,10 @@ def build_round(loss_fn: client_lib.LossFn,
         'update_norm': tree_util.tree_norm(mean_delta),
         'param_norm': tree_util.tree_norm(params),
         'total_weight': agg_info['total_weight'],
+        'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
     }
     new_state = ServerState(params=params, opt_state=opt_state, client_store=store,
-                            key=state.key, round=state.round + 1)
+                            key=state.key, round=state.round + 1, aux=state.aux)
     return new_state, metrics
 
   jitted = jax.jit(apply, donate_argnums=(0,) if donate else ())

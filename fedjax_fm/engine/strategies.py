@@ -1,8 +1,9 @@
 """Execution strategies for the clients axis.
 
-Every strategy maps ``per_client(params, frozen, x) -> (update, outputs)`` over
-the leading clients axis of ``xs`` and folds the updates into a streaming
-aggregator. They differ only in how the axis is executed:
+Every strategy maps ``per_client(params, frozen, x) -> (update, weight, outputs)``
+over the leading clients axis of ``xs`` and folds the weighted updates into a
+streaming aggregator (a client's weight may differ from ``x['weight']``, e.g. 0
+when its update is not finite). They differ only in how the axis is executed:
 
 * ``vmap``: all clients at once (memory O(C)).
 * ``chunked``: a ``lax.scan`` over chunks of K clients, each chunk vmapped,
@@ -45,8 +46,9 @@ def _merge_leading(tree):
 
 def _vmapped_chunk(per_client, aggregator, params, frozen):
   def body(acc, xs_chunk):
-    updates, outs = jax.vmap(per_client, in_axes=(None, None, 0))(params, frozen, xs_chunk)
-    acc = aggregator.accumulate(acc, updates, xs_chunk['weight'])
+    updates, weights, outs = jax.vmap(per_client, in_axes=(None, None, 0))(
+        params, frozen, xs_chunk)
+    acc = aggregator.accumulate(acc, updates, weights)
     return acc, outs
   return body
 
