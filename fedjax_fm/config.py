@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl = ml_collections.ConfigDict(dict(
       clients_per_round=10, local_steps=4, batch_size=8, max_epochs=1,
       strategy='chunked', chunk_size=5, prox_mu=0.0,
+      model_axis=1,          # sharded: devices per client group holding the FSDP'd base
   ))
   c.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-3, momentum=0.9, weight_decay=0.0))
@@ -218,6 +219,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _int_range(c, 'fl.max_epochs', 1)
   _one_of(c, 'fl.strategy', STRATEGIES)
   _float_range(c, 'fl.prox_mu', 0.0)
+  _int_range(c, 'fl.model_axis', 1)
   if f.strategy in ('chunked', 'sharded'):
     _int_range(c, 'fl.chunk_size', 1, f.clients_per_round,
                'config.fl.clients_per_round')

@@ -27,6 +27,7 @@ from fedjax_fm import data as data_lib
 from fedjax_fm import engine
 from fedjax_fm import models
 from fedjax_fm import peft
+from fedjax_fm import sharding
 from fedjax_fm import tree_util
 from fedjax_fm.data import partition as partition_lib
 from fedjax_fm.engine import sampling
@@ -55,6 +56,7 @@ class Experiment:
   fed_round: engine.FederatedRound
   evaluate: Callable[[Any], dict[str, float]]
   round_data: Callable[[int], dict]
+  mesh: Any = None
 
 
 # --------------------------------------------------------------------- data
@@ -293,13 +295,21 @@ def make_evaluator(split: peft.Split, task: models.Task, eval_arrays, batch_size
 
 def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = None,
                      mesh=None) -> Experiment:
-  """Validates the config and builds data, model split, round and evaluator."""
+  """Validates the config and builds data, model split, round and evaluator.
+
+  With ``fl.strategy="sharded"`` the clients of a round are split over the
+  ``clients`` axis of a ``(clients, model)`` mesh of all (global) devices and
+  the frozen base is sharded over ``model`` (``fl.model_axis`` devices).
+  """
+  f = config.fl
+  if f.strategy == 'sharded' and mesh is None:
+    config_lib.validate(config, num_devices=max(jax.device_count() // f.model_axis, 1))
+    mesh = sharding.make_mesh(model=f.model_axis)
   num_devices = mesh.shape['clients'] if mesh is not None else None
   config_lib.validate(config, num_devices=num_devices)
   task_data = build_task_data(config, workdir or '.')
   model, task = build_model(config, task_data)
   split = build_split(config, model)
-  f = config.fl
   co, so = config.client_optimizer, config.server_optimizer
   fed_round = engine.build_round(
       models.make_loss_fn(split.graphdef, task), split.trainable,
@@ -309,23 +319,33 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
                                                b1=so.b1, b2=so.b2, eps=so.eps),
       num_clients=task_data.train.num_clients, strategy=f.strategy, chunk_size=f.chunk_size,
       mesh=mesh, prox_mu=f.prox_mu)
+  if mesh is not None:
+    split = split._replace(frozen=sharding.shard_frozen(split.frozen, mesh))
   evaluate = make_evaluator(split, task, task_data.eval, config.eval.batch_size,
                             config.eval.max_examples)
-  devices = mesh.shape['clients'] if mesh is not None else jax.local_device_count()
-  multiple = f.chunk_size * (devices if f.strategy == 'sharded' else 1)
   if f.strategy == 'vmap':
     multiple = 1
+  elif f.strategy == 'sharded':
+    multiple = f.chunk_size * mesh.shape['clients']
+  else:
+    multiple = f.chunk_size
   padded_clients = -(-f.clients_per_round // multiple) * multiple
 
   def round_data(round_idx: int) -> dict:
     ids = sampling.sample_clients(task_data.train.num_clients, f.clients_per_round,
                                   seed=config.seed, round_idx=round_idx)
-    return task_data.train.round_batch(ids, f.local_steps, f.batch_size, seed=config.seed,
+    data = task_data.train.round_batch(ids, f.local_steps, f.batch_size, seed=config.seed,
                                        round_idx=round_idx, max_epochs=f.max_epochs,
                                        pad_clients_to=padded_clients)
+    if mesh is not None and jax.process_count() > 1:
+      # Every process derives the same round from the seed and materialises only
+      # the clients of its own devices into one global array.
+      data = sharding.global_round_data(data, mesh)
+    return data
 
   return Experiment(config=config, data=task_data, split=split, task=task,
-                    fed_round=fed_round, evaluate=evaluate, round_data=round_data)
+                    fed_round=fed_round, evaluate=evaluate, round_data=round_data,
+                    mesh=mesh)
 
 
 # --------------------------------------------------------------------- run
@@ -349,6 +369,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
+  main_process = sharding.is_main_process()   # logs, metrics and summary: process 0 only
   exp = build_experiment(config, workdir)
   cfg, split, fed = exp.config, exp.split, exp.fed_round
   train = exp.data.train
@@ -364,6 +385,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---- before, or resume
   state = fed.init(split.trainable, jax.random.key(cfg.seed))
+  if exp.mesh is not None:
+    state = sharding.replicate(state, exp.mesh)
   frozen = split.frozen
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                      every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
@@ -374,13 +397,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = int(state.round)
     before, last_eval = extras['before'], extras['last_eval']
     total_up, total_down = extras['total_up'], extras['total_down']
-    _keep_records(metrics_path, start)
+    if main_process:
+      _keep_records(metrics_path, start)
     _log(f'resumed from {ckpt.directory} at round {start}')
   else:
     before = exp.evaluate(split.trainable)
     last_eval = before
     total_up = total_down = 0
-    _keep_records(metrics_path, 0)
+    if main_process:
+      _keep_records(metrics_path, 0)
     _log('held-out before: ' + _fmt_metrics(before))
 
   # ---- train
@@ -388,7 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rounds = range(start, cfg.num_rounds)
   progress = _progress(rounds, cfg.progress)
   compiled = None
-  with open(metrics_path, 'a') as out:
+  with open(metrics_path if main_process else os.devnull, 'a') as out:
     for r, data in zip(progress, data_lib.prefetch(exp.round_data(r) for r in rounds)):
       t0 = time.time()
       if compiled is None:
@@ -396,7 +421,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         compile_s = time.time() - t0
         t0 = time.time()
       state, m = compiled(state, frozen, data)
-      m = jax.device_get(m)
+      m = sharding.to_host(m)
       round_s = time.time() - t0
       n_clients = int(m['num_clients'])
       up = n_clients * fed.uplink_bytes_per_client
@@ -441,8 +466,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'compile_time_s': compile_s, 'total_time_s': time.time() - t_start,
       'data': exp.data.description, 'final_round': int(state.round),
   }
-  with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
-    json.dump(summary, fh, indent=2)
+  if main_process:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
+      json.dump(summary, fh, indent=2)
   _log(f'held-out after {cfg.num_rounds} rounds: ' + _fmt_metrics(last_eval) +
        f' (before: {_fmt_metrics(before)}); uplink total {_fmt_bytes(total_up)}; '
        f'{summary["total_time_s"]:.0f}s')
@@ -473,7 +499,7 @@ def _fmt_metrics(m: dict) -> str:
 
 
 def _progress(it, enabled: bool):
-  if not enabled:
+  if not enabled or not sharding.is_main_process():
     return it
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(it, desc='rounds', unit='round', dynamic_ncols=True)
@@ -481,6 +507,8 @@ def _progress(it, enabled: bool):
 
 def _log(msg: str, progress=None):
   logger.info(msg)
+  if not sharding.is_main_process():
+    return
   if progress is not None and hasattr(progress, 'write'):
     progress.write(msg)
   else:

@@ -84,7 +84,9 @@ def run_sharded(per_client, aggregator: StreamingAggregator, params, frozen, xs,
     acc, outs = run_chunked(per_client, aggregator, params, frozen, xs, chunk_size)
     return jax.lax.psum(acc, CLIENTS_AXIS), outs
 
-  fn = jax.shard_map(local, mesh=mesh,
+  # Manual over `clients` only: other mesh axes (e.g. `model`, over which the
+  # frozen base may be sharded FSDP-style) stay automatic.
+  fn = jax.shard_map(local, mesh=mesh, axis_names=frozenset({CLIENTS_AXIS}),
                      in_specs=(P(), P(), P(CLIENTS_AXIS)),
                      out_specs=(P(), P(CLIENTS_AXIS)),
                      # Per-client carries start replicated and become per-device;
