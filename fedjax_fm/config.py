@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
       hidden=(64,),             # mlp hidden sizes
       pooling='mean',
       dropout=0.0,
+      dtype='float32',          # compute dtype of the model (bfloat16: mixed precision;
+                                # params, client updates and aggregation stay float32)
   ))
   c.peft = ml_collections.ConfigDict(dict(
       method='lora', rank=8, alpha=16.0, dropout=0.0,
@@ -66,7 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.fl = ml_collections.ConfigDict(dict(
       clients_per_round=10, local_steps=4, batch_size=8, max_epochs=1,
-      strategy='chunked', chunk_size=5, prox_mu=0.0,
+      strategy='chunked',
+      chunk_size=5,          # clients per vmapped chunk; 0: largest fitting memory_budget_mb
+      memory_budget_mb=0,    # with chunk_size=0 (0: 2 GiB)
+      prox_mu=0.0,
       model_axis=1,          # sharded: devices per client group holding the FSDP'd base
   ))
   c.client_optimizer = ml_collections.ConfigDict(dict(
@@ -156,6 +161,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if any((not isinstance(h, int)) or h < 1 for h in c.model.hidden):
     raise _err('model.hidden', c.model.hidden, 'must be a tuple of positive integers')
   _one_of(c, 'model.pooling', ('mean', 'cls'))
+  _one_of(c, 'model.dtype', ('float32', 'bfloat16'))
   _float_range(c, 'model.dropout', 0.0, 1.0, hi_open=True)
 
   # peft
@@ -220,8 +226,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, 'fl.strategy', STRATEGIES)
   _float_range(c, 'fl.prox_mu', 0.0)
   _int_range(c, 'fl.model_axis', 1)
+  _int_range(c, 'fl.memory_budget_mb', 0)
   if f.strategy in ('chunked', 'sharded'):
-    _int_range(c, 'fl.chunk_size', 1, f.clients_per_round,
+    _int_range(c, 'fl.chunk_size', 0, f.clients_per_round,
                'config.fl.clients_per_round')
   if f.strategy == 'sharded':
     if num_devices is None:

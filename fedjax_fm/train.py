@@ -30,6 +30,7 @@ from fedjax_fm import peft
 from fedjax_fm import sharding
 from fedjax_fm import tree_util
 from fedjax_fm.data import partition as partition_lib
+from fedjax_fm.engine import memory as memory_lib
 from fedjax_fm.engine import sampling
 
 logger = logging.getLogger('fedjax_fm')
@@ -211,9 +212,10 @@ def build_model(config, task_data: TaskData):
   """Returns (nnx model, Task) for the config."""
   m = config.model
   rngs = nnx.Rngs(config.seed)
+  dtype = jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32
   if m.kind == 'minilm':
     model, _ = models.load_minilm_encoder(task_data.num_labels, rngs_seed=config.seed,
-                                          pooling=m.pooling, dropout=m.dropout)
+                                          pooling=m.pooling, dropout=m.dropout, dtype=dtype)
     return model, models.classification_task()
   if m.kind == 'mlp':
     in_dim = task_data.train.arrays['x'].shape[-1]
@@ -229,11 +231,12 @@ def build_model(config, task_data: TaskData):
         vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
         num_heads=m.num_heads, intermediate_size=m.mlp_dim,
         max_position=max(config.data.max_len, 16), num_labels=task_data.num_labels,
-        pooling=m.pooling, dropout=m.dropout)
+        pooling=m.pooling, dropout=m.dropout, dtype=dtype)
     return models.Encoder(cfg, rngs=rngs), models.classification_task()
   cfg = models.DecoderConfig(
       vocab_size=vocab, dim=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-      num_kv_heads=m.num_kv_heads, mlp_dim=m.mlp_dim, max_len=config.data.max_len)
+      num_kv_heads=m.num_kv_heads, mlp_dim=m.mlp_dim, max_len=config.data.max_len,
+      dtype=dtype)
   return models.Decoder(cfg, rngs=rngs), models.causal_lm_task()
 
 
@@ -311,24 +314,44 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   model, task = build_model(config, task_data)
   split = build_split(config, model)
   co, so = config.client_optimizer, config.server_optimizer
-  fed_round = engine.build_round(
-      models.make_loss_fn(split.graphdef, task), split.trainable,
-      client_optimizer=engine.client_optimizer(co.name, co.learning_rate, momentum=co.momentum,
-                                               weight_decay=co.weight_decay),
-      server_optimizer=engine.server_optimizer(so.name, so.learning_rate, momentum=so.momentum,
-                                               b1=so.b1, b2=so.b2, eps=so.eps),
-      num_clients=task_data.train.num_clients, strategy=f.strategy, chunk_size=f.chunk_size,
-      mesh=mesh, prox_mu=f.prox_mu)
+  loss_fn = models.make_loss_fn(split.graphdef, task)
+
+  def make_round(chunk_size):
+    return engine.build_round(
+        loss_fn, split.trainable,
+        client_optimizer=engine.client_optimizer(co.name, co.learning_rate,
+                                                 momentum=co.momentum,
+                                                 weight_decay=co.weight_decay),
+        server_optimizer=engine.server_optimizer(so.name, so.learning_rate,
+                                                 momentum=so.momentum, b1=so.b1, b2=so.b2,
+                                                 eps=so.eps),
+        num_clients=task_data.train.num_clients, strategy=f.strategy, chunk_size=chunk_size,
+        mesh=mesh, prox_mu=f.prox_mu)
+
   if mesh is not None:
     split = split._replace(frozen=sharding.shard_frozen(split.frozen, mesh))
   evaluate = make_evaluator(split, task, task_data.eval, config.eval.batch_size,
                             config.eval.max_examples)
+  groups = mesh.shape['clients'] if f.strategy == 'sharded' else 1
+  chunk_size = f.chunk_size
+  if f.strategy != 'vmap' and chunk_size == 0:
+    # Largest chunk whose compiled round fits the memory budget (XLA's analysis).
+    per_group = -(-f.clients_per_round // groups)
+    sample = task_data.train.round_batch(np.arange(per_group * groups) % task_data.train.num_clients,
+                                         f.local_steps, f.batch_size, seed=config.seed)
+    like = memory_lib.shapes_of(sample)
+    state_like = jax.eval_shape(make_round(1).init, split.trainable, jax.random.key(0))
+    budget = (f.memory_budget_mb or 2048) * 2**20
+    chunk_size = memory_lib.choose_chunk_size(make_round, state_like,
+                                              memory_lib.shapes_of(split.frozen), like,
+                                              budget, clients_per_device=per_group)
+    _log(f'chunk_size={chunk_size}: the largest fitting {budget / 2**20:.0f} MiB of '
+         f'temporaries per device')
+  fed_round = make_round(chunk_size)
   if f.strategy == 'vmap':
     multiple = 1
-  elif f.strategy == 'sharded':
-    multiple = f.chunk_size * mesh.shape['clients']
   else:
-    multiple = f.chunk_size
+    multiple = chunk_size * groups
   padded_clients = -(-f.clients_per_round // multiple) * multiple
 
   def round_data(round_idx: int) -> dict:
