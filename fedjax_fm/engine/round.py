@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_fm import tree_util
+from fedjax_fm.aggregate import attacks as attacks_lib
 from fedjax_fm.aggregate import mean as mean_lib
 from fedjax_fm.aggregate.base import StreamingAggregator
 from fedjax_fm.compress import base as compress_base
@@ -66,6 +67,8 @@ def build_round(loss_fn: client_lib.LossFn,
                 aggregator: StreamingAggregator | Any | None = None,
                 compressor: compress_base.Compressor | None = None,
                 privacy: Any = None,
+                adaptive_clip: Any = None,
+                attack: tuple[str, float] | None = None,
                 guard_nonfinite: bool = True,
                 donate: bool = False) -> FederatedRound:
   """Builds a federated round.
@@ -91,6 +94,12 @@ def build_round(loss_fn: client_lib.LossFn,
       applied per client before encoding, and ``noise(key, mean, num_clients)``
       applied to the aggregate. With privacy, clients are averaged with
       uniform weights (the sensitivity of the mean is clip / clients).
+    adaptive_clip: quantile-based adaptive clipping (an ``AdaptiveClip`` from
+      `fedjax_fm.privacy`); the clip norm lives in ``ServerState.aux`` and
+      follows the target quantile of the clients' update norms.
+    attack: ``(kind, scale)`` to simulate malicious clients: the clients with
+      ``round_data['attacker']`` set send a corrupted update (``sign_flip``,
+      ``scale``, ``noise`` or ``nan``, see `fedjax_fm.aggregate.apply_attack`).
     guard_nonfinite: drop (weight 0) any client whose decoded update has a NaN
       or Inf, so it never reaches the model; counted in the metrics.
     donate: donate the server state's buffers to the round.
@@ -108,21 +117,35 @@ def build_round(loss_fn: client_lib.LossFn,
   uplink = compress_base.payload_nbytes(compressor, params_shape)
   downlink = tree_util.tree_nbytes(params_shape)
 
+  if adaptive_clip is not None and privacy is None:
+    raise ValueError('adaptive_clip needs privacy (the clipping it adapts)')
+
   def init(params, key) -> ServerState:
     client_state = compressor.init(params)
     store = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape).copy(), client_state)
+    aux = {}
+    if adaptive_clip is not None:
+      aux['clip'] = adaptive_clip.init(privacy.clip_norm)
     return ServerState(params=params, opt_state=server_optimizer.init(params),
-                       client_store=store, key=key, round=jnp.zeros((), jnp.int32))
+                       client_store=store, key=key, round=jnp.zeros((), jnp.int32),
+                       aux=aux)
 
   def per_client(params, frozen, x):
     train_key, encode_key = jax.random.split(x['key'])
     delta, metrics = client_update(params, frozen, x['data'], train_key)
     metrics['update_norm'] = tree_util.tree_norm(delta)
     if privacy is not None:
-      delta, _ = privacy.clip(delta)
+      delta, norm = privacy.clip(delta, clip_norm=x['clip_norm'])
+      metrics['unclipped'] = norm <= x['clip_norm']
     payload, client_state = compressor.encode(encode_key, delta, x['client_state'])
     update = compressor.decode(payload)
+    if attack is not None:
+      kind, scale = attack
+      bad = attacks_lib.apply_attack(jax.tree.map(lambda u: u[None], update),
+                                     x['attacker'][None], kind, scale=scale,
+                                     key=jax.random.fold_in(encode_key, 1))
+      update = jax.tree.map(lambda u: u[0], bad)
     weight = x['weight']
     finite = jnp.asarray(True)
     if guard_nonfinite:
@@ -154,6 +177,15 @@ def build_round(loss_fn: client_lib.LossFn,
         'key': keys,
         'client_state': client_states,
     }
+    clip_norm = None
+    if privacy is not None:
+      clip_norm = (state.aux['clip'].clip_norm if adaptive_clip is not None
+                   else jnp.float32(privacy.clip_norm))
+      xs['clip_norm'] = jnp.broadcast_to(clip_norm, weight.shape)
+    if attack is not None:
+      attacker = round_data.get('attacker')
+      xs['attacker'] = (jnp.zeros(weight.shape, bool) if attacker is None
+                        else jnp.asarray(attacker, bool))
     run_aggregator = mean_lib.weighted_mean() if stacked else aggregator
     acc, (new_client_states, cm, collected) = strategies.run_clients(
         strategy, per_client, run_aggregator, state.params, frozen, xs,
@@ -164,9 +196,15 @@ def build_round(loss_fn: client_lib.LossFn,
       agg_info = {'total_weight': jnp.sum(weights)}
     else:
       mean_delta, agg_info = aggregator.finalize(acc)
+    aux = state.aux
     if privacy is not None:
       noise_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFF))
-      mean_delta = privacy.noise(noise_key, mean_delta, jnp.sum(mask.astype(jnp.float32)))
+      mean_delta = privacy.noise(noise_key, mean_delta, jnp.sum(mask.astype(jnp.float32)),
+                                 clip_norm=clip_norm)
+      if adaptive_clip is not None:
+        aux = dict(aux, clip=adaptive_clip.update(
+            aux['clip'], cm['unclipped'], mask.astype(jnp.float32),
+            jax.random.fold_in(noise_key, 1)))
 
     server_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
     updates, opt_state = server_optimizer.update(server_grad, state.opt_state, state.params)
@@ -193,8 +231,12 @@ def build_round(loss_fn: client_lib.LossFn,
         'total_weight': agg_info['total_weight'],
         'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
     }
+    if privacy is not None:
+      metrics['clip_norm'] = clip_norm
+      metrics['unclipped_fraction'] = (jnp.sum(fmask * cm['unclipped'].astype(jnp.float32))
+                                       / jnp.maximum(n, 1.0))
     new_state = ServerState(params=params, opt_state=opt_state, client_store=store,
-                            key=state.key, round=state.round + 1, aux=state.aux)
+                            key=state.key, round=state.round + 1, aux=aux)
     return new_state, metrics
 
   jitted = jax.jit(apply, donate_argnums=(0,) if donate else ())
