@@ -24,7 +24,10 @@ TASKS = ('classification', 'causal_lm')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'quantity_skew', 'natural')
 TOKENIZERS = ('minilm', 'sentencepiece', 'hf')
 SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval',
-            'checkpoint')
+            'checkpoint', 'privacy', 'aggregator', 'attack')
+AGGREGATORS = ('mean', 'norm_bounded_mean', 'median', 'trimmed_mean', 'krum', 'multi_krum',
+               'geometric_median')
+ATTACKS = ('none', 'sign_flip', 'scale', 'noise', 'nan')
 
 
 class ConfigError(ValueError):
@@ -82,6 +85,16 @@ def base_config() -> ml_collections.ConfigDict:
   # Orbax checkpoints under workdir/checkpoints every N rounds (0: only at the end);
   # rerunning with the same workdir resumes from the latest.
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
+  # Client-level DP-FedAvg (McMahan et al. 2018): per-client clipping, Gaussian noise
+  # on the mean; noise_multiplier 0 with target_epsilon > 0 calibrates it.
+  c.privacy = ml_collections.ConfigDict(dict(
+      enabled=False, clip_norm=1.0, noise_multiplier=0.0, target_epsilon=0.0, delta=1e-5,
+      per_layer=False, adaptive=False, target_quantile=0.5, clip_learning_rate=0.2,
+      accountant='rdp'))
+  c.aggregator = ml_collections.ConfigDict(dict(
+      name='mean', max_norm=1.0, trim_fraction=0.1, num_byzantine=1, multi_krum_m=0))
+  # Simulated malicious clients: a fixed fraction of the population (seeded).
+  c.attack = ml_collections.ConfigDict(dict(kind='none', fraction=0.0, scale=10.0))
   return c
 
 
@@ -256,3 +269,38 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _int_range(c, 'eval.max_examples', 0)
   _int_range(c, 'checkpoint.every', 0)
   _int_range(c, 'checkpoint.keep', 1)
+
+  # privacy, aggregation, attacks
+  p = c.privacy
+  if p.enabled:
+    _float_range(c, 'privacy.clip_norm', 0.0, lo_open=True)
+    _float_range(c, 'privacy.noise_multiplier', 0.0)
+    _float_range(c, 'privacy.target_epsilon', 0.0)
+    _float_range(c, 'privacy.delta', 0.0, 1.0, lo_open=True, hi_open=True)
+    _float_range(c, 'privacy.target_quantile', 0.0, 1.0, lo_open=True, hi_open=True)
+    _float_range(c, 'privacy.clip_learning_rate', 0.0, lo_open=True)
+    _one_of(c, 'privacy.accountant', ('rdp', 'pld'))
+    if p.accountant == 'pld':
+      raise _err('privacy.accountant', 'pld', 'rounds sample a fixed number of clients '
+                 'without replacement, which only the "rdp" accountant supports')
+    if p.noise_multiplier and p.target_epsilon:
+      raise _err('privacy.target_epsilon', p.target_epsilon,
+                 'set either privacy.noise_multiplier or privacy.target_epsilon, not both')
+    if c.aggregator.name != 'mean':
+      raise _err('aggregator.name', c.aggregator.name,
+                 'DP-FedAvg defines its own (uniform, clipped) mean: use "mean"')
+  _one_of(c, 'aggregator.name', AGGREGATORS)
+  _float_range(c, 'aggregator.max_norm', 0.0, lo_open=True)
+  _float_range(c, 'aggregator.trim_fraction', 0.0, 0.5, hi_open=True)
+  _int_range(c, 'aggregator.num_byzantine', 0)
+  _int_range(c, 'aggregator.multi_krum_m', 0)
+  if c.aggregator.name in ('krum', 'multi_krum'):
+    if 2 * c.aggregator.num_byzantine + 2 >= f.clients_per_round:
+      raise _err('aggregator.num_byzantine', c.aggregator.num_byzantine,
+                 f'Krum needs clients_per_round > 2 * num_byzantine + 2 '
+                 f'(clients_per_round={f.clients_per_round})')
+  _one_of(c, 'attack.kind', ATTACKS)
+  _float_range(c, 'attack.fraction', 0.0, 1.0, hi_open=True)
+  if c.attack.kind != 'none' and not c.attack.fraction:
+    raise _err('attack.fraction', c.attack.fraction,
+               f'must be > 0 when attack.kind={c.attack.kind!r}')

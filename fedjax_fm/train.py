@@ -21,12 +21,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from fedjax_fm import aggregate as aggregate_lib
 from fedjax_fm import checkpoint as checkpoint_lib
 from fedjax_fm import config as config_lib
 from fedjax_fm import data as data_lib
 from fedjax_fm import engine
 from fedjax_fm import models
 from fedjax_fm import peft
+from fedjax_fm import privacy as privacy_lib
 from fedjax_fm import sharding
 from fedjax_fm import tree_util
 from fedjax_fm.data import partition as partition_lib
@@ -58,6 +60,7 @@ class Experiment:
   evaluate: Callable[[Any], dict[str, float]]
   round_data: Callable[[int], dict]
   mesh: Any = None
+  accountant: Any = None    # privacy accountant (host side), when DP is on
 
 
 # --------------------------------------------------------------------- data
@@ -119,6 +122,15 @@ def _load_raw(config) -> tuple[dict[str, np.ndarray], tuple[str, ...], str]:
           f'config.data.label_key={d.label_key!r} is not a field of the data; fields: '
           f'{sorted(arrays)}')
     labels = arrays[d.label_key]
+    if labels.dtype.kind == 'f':
+      if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+        raise config_lib.ConfigError(
+            f'config.data.label_key={d.label_key!r}: labels must be integers or strings, '
+            f'got non-integral floats')
+      labels = labels.astype(np.int64)
+    if labels.dtype.kind in 'iu' and labels.min() < 0:
+      raise config_lib.ConfigError(
+          f'config.data.label_key={d.label_key!r}: labels must be >= 0, got {labels.min()}')
     if labels.dtype.kind in 'OUS':
       names_arr, labels = np.unique(labels.astype(str), return_inverse=True)
       names = tuple(str(n) for n in names_arr)
@@ -132,6 +144,8 @@ def build_task_data(config, workdir: str = '.') -> TaskData:
   """Loads, featurizes, splits off the held-out set and partitions the clients."""
   d = config.data
   arrays, names, desc = _load_raw(config)
+  if not arrays or len(next(iter(arrays.values()))) == 0:
+    raise ValueError(f'the data set is empty: {desc}')
   if d.max_examples and d.source != 'tfds':
     arrays = {k: v[:d.max_examples] for k, v in arrays.items()}
   n = len(next(iter(arrays.values())))
@@ -143,7 +157,14 @@ def build_task_data(config, workdir: str = '.') -> TaskData:
       raise config_lib.ConfigError(
           f'config.model.kind="mlp" needs a numeric feature "x" or "image"; the data has '
           f'{sorted(arrays)}')
+    if arrays[key].dtype.kind not in 'biuf':
+      raise config_lib.ConfigError(
+          f'feature {key!r} has dtype {arrays[key].dtype}; the MLP needs numbers')
     x = arrays[key].reshape(n, -1).astype(np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+      raise ValueError(f'feature {key!r} has NaN or Inf in {int(bad.sum())} examples '
+                       f'(first at index {int(np.argmax(bad))}); clean the data first')
     feats['x'] = x / 255.0 if arrays[key].dtype == np.uint8 else x
   else:
     if d.text_key not in arrays:
@@ -315,6 +336,26 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   split = build_split(config, model)
   co, so = config.client_optimizer, config.server_optimizer
   loss_fn = models.make_loss_fn(split.graphdef, task)
+  population = task_data.train.num_clients
+  dp, adaptive, noise_multiplier = None, None, 0.0
+  p = config.privacy
+  if p.enabled:
+    noise_multiplier = p.noise_multiplier
+    if p.target_epsilon:
+      noise_multiplier = privacy_lib.noise_multiplier_for_epsilon(
+          p.target_epsilon, f.clients_per_round / population, config.num_rounds, p.delta,
+          accountant=p.accountant, sampling='fixed', population=population)
+    dp = privacy_lib.gaussian_dp(p.clip_norm, noise_multiplier, per_layer=p.per_layer)
+    if p.adaptive:
+      adaptive = privacy_lib.quantile_adaptive_clip(p.target_quantile,
+                                                    learning_rate=p.clip_learning_rate)
+  aggregator = _aggregator(config)
+  attack = None
+  attackers = np.zeros(population, bool)
+  if config.attack.kind != 'none':
+    attack = (config.attack.kind, config.attack.scale)
+    attackers = aggregate_lib.choose_attackers(population, config.attack.fraction,
+                                               seed=config.seed)
 
   def make_round(chunk_size):
     return engine.build_round(
@@ -325,8 +366,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
         server_optimizer=engine.server_optimizer(so.name, so.learning_rate,
                                                  momentum=so.momentum, b1=so.b1, b2=so.b2,
                                                  eps=so.eps),
-        num_clients=task_data.train.num_clients, strategy=f.strategy, chunk_size=chunk_size,
-        mesh=mesh, prox_mu=f.prox_mu)
+        num_clients=population, strategy=f.strategy, chunk_size=chunk_size,
+        mesh=mesh, prox_mu=f.prox_mu, aggregator=aggregator, privacy=dp,
+        adaptive_clip=adaptive, attack=attack)
 
   if mesh is not None:
     split = split._replace(frozen=sharding.shard_frozen(split.frozen, mesh))
@@ -360,15 +402,39 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
     data = task_data.train.round_batch(ids, f.local_steps, f.batch_size, seed=config.seed,
                                        round_idx=round_idx, max_epochs=f.max_epochs,
                                        pad_clients_to=padded_clients)
+    if attack is not None:
+      data['attacker'] = attackers[data['client_id']] & data['client_mask']
     if mesh is not None and jax.process_count() > 1:
       # Every process derives the same round from the seed and materialises only
       # the clients of its own devices into one global array.
       data = sharding.global_round_data(data, mesh)
     return data
 
+  accountant = None
+  if dp is not None:
+    accountant = privacy_lib.Accountant(
+        noise_multiplier, f.clients_per_round / population, p.delta,
+        accountant=p.accountant, sampling='fixed', population=population)
   return Experiment(config=config, data=task_data, split=split, task=task,
                     fed_round=fed_round, evaluate=evaluate, round_data=round_data,
-                    mesh=mesh)
+                    mesh=mesh, accountant=accountant)
+
+
+def _aggregator(config):
+  a = config.aggregator
+  if a.name == 'mean':
+    return None
+  if a.name == 'norm_bounded_mean':
+    return aggregate_lib.norm_bounded_mean(a.max_norm)
+  if a.name == 'median':
+    return aggregate_lib.coordinate_median()
+  if a.name == 'trimmed_mean':
+    return aggregate_lib.trimmed_mean(a.trim_fraction)
+  if a.name == 'krum':
+    return aggregate_lib.krum(a.num_byzantine)
+  if a.name == 'multi_krum':
+    return aggregate_lib.multi_krum(a.num_byzantine, a.multi_krum_m or None)
+  return aggregate_lib.geometric_median()
 
 
 # --------------------------------------------------------------------- run
@@ -423,6 +489,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if main_process:
       _keep_records(metrics_path, start)
     _log(f'resumed from {ckpt.directory} at round {start}')
+    if exp.accountant is not None:
+      exp.accountant.step(start)
   else:
     before = exp.evaluate(split.trainable)
     last_eval = before
@@ -462,6 +530,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       }
       if r == start:
         record['compile_time_s'] = compile_s
+      if exp.accountant is not None:
+        record['epsilon'] = exp.accountant.step()
+        record['clip_norm'] = float(m['clip_norm'])
+      if 'nonfinite_clients' in m and int(m['nonfinite_clients']):
+        record['nonfinite_clients'] = int(m['nonfinite_clients'])
       if (r + 1) % cfg.eval.every == 0 or r + 1 == cfg.num_rounds:
         last_eval = exp.evaluate(state.params)
         record['eval'] = last_eval
@@ -475,6 +548,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if (r + 1) % cfg.log_every == 0 or 'eval' in record:
         line = (f'round {r + 1}/{cfg.num_rounds} loss={record["train_loss"]:.4f} '
                 f'clients={n_clients} up={_fmt_bytes(up)} time={round_s:.3f}s')
+        if 'epsilon' in record:
+          line += f' eps={record["epsilon"]:.3g}'
         if r == start:
           line += f' (compile {compile_s:.1f}s)'
         if 'eval' in record:
@@ -489,6 +564,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'compile_time_s': compile_s, 'total_time_s': time.time() - t_start,
       'data': exp.data.description, 'final_round': int(state.round),
   }
+  if exp.accountant is not None:
+    summary['epsilon'] = exp.accountant.epsilon
+    summary['delta'] = cfg.privacy.delta
+    summary['noise_multiplier'] = exp.accountant.noise_multiplier
   if main_process:
     with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
       json.dump(summary, fh, indent=2)

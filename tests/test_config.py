@@ -113,3 +113,32 @@ def test_mlp_needs_numeric_features():
   c.model.kind = 'mlp'
   with pytest.raises(config_lib.ConfigError, match='config.model.kind'):
     config_lib.validate(c, num_devices=1)
+
+
+def test_privacy_and_aggregator_fields():
+  c = config_lib.base_config()
+  c.privacy.enabled = True
+  c.privacy.noise_multiplier = 1.0
+  c.privacy.target_epsilon = 3.0
+  with pytest.raises(config_lib.ConfigError, match='not both'):
+    config_lib.validate(c, num_devices=1)
+  c.privacy.target_epsilon = 0.0
+  c.privacy.accountant = 'pld'
+  with pytest.raises(config_lib.ConfigError, match='config.privacy.accountant'):
+    config_lib.validate(c, num_devices=1)
+  c.privacy.accountant = 'rdp'
+  c.aggregator.name = 'median'
+  with pytest.raises(config_lib.ConfigError, match='DP-FedAvg defines its own'):
+    config_lib.validate(c, num_devices=1)
+  c = config_lib.base_config()
+  c.aggregator.name = 'krum'
+  c.aggregator.num_byzantine = 4
+  with pytest.raises(config_lib.ConfigError, match='clients_per_round > 2'):
+    config_lib.validate(c, num_devices=1)
+  c = config_lib.base_config()
+  c.attack.kind = 'nan'
+  with pytest.raises(config_lib.ConfigError, match='config.attack.fraction'):
+    config_lib.validate(c, num_devices=1)
+  c.attack.kind = 'poison'
+  with pytest.raises(config_lib.ConfigError, match=r"allowed values are \('none'"):
+    config_lib.validate(c, num_devices=1)

@@ -140,3 +140,83 @@ def test_main_binary_rejects_bad_override(tmp_path):
   assert proc.returncode != 0
   assert 'config.fl.clients_per_round=1000 is invalid' in proc.stderr
   assert not os.path.exists(tmp_path / 'metrics.jsonl')
+
+
+def _jsonl(path, rows):
+  with open(path, 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+
+
+def _text_config(path):
+  c = load_config('default')
+  c.model.kind, c.model.hidden_size, c.model.num_layers, c.model.mlp_dim = 'encoder', 16, 1, 32
+  c.model.num_heads = 2
+  c.data.source, c.data.path, c.data.num_clients, c.data.partition = 'jsonl', str(path), 4, 'iid'
+  c.fl.clients_per_round, c.fl.chunk_size = 2, 1
+  c.num_rounds = 1
+  return c
+
+
+def test_bad_data_gets_clear_errors(tmp_path):
+  path = tmp_path / 'd.jsonl'
+  _jsonl(path, [{'text': f'example {i}', 'label': 0.5} for i in range(20)])
+  with pytest.raises(config_lib.ConfigError, match='labels must be integers or strings'):
+    train.run(_text_config(path), str(tmp_path / 'w1'))
+  _jsonl(path, [{'text': f'example {i}', 'y': 1} for i in range(20)])
+  with pytest.raises(config_lib.ConfigError, match=r"label_key='label' is not a field"):
+    train.run(_text_config(path), str(tmp_path / 'w2'))
+  path.write_text('')
+  with pytest.raises(ValueError, match='empty'):
+    train.run(_text_config(path), str(tmp_path / 'w3'))
+  _jsonl(path, [{'text': f'example {i}', 'label': i % 2} for i in range(4)])
+  c = _text_config(path)
+  c.data.num_clients = 10
+  with pytest.raises(config_lib.ConfigError, match='num_clients=10 is invalid'):
+    train.run(c, str(tmp_path / 'w4'))
+  assert not os.path.exists(tmp_path / 'w4' / 'metrics.jsonl')
+
+
+def test_jsonl_text_classification_runs(tmp_path):
+  path = tmp_path / 'd.jsonl'
+  _jsonl(path, [{'text': ['good movie', 'bad film'][i % 2] + f' {i}',
+                 'label': ['pos', 'neg'][i % 2]} for i in range(40)])
+  summary = train.run(_text_config(path), str(tmp_path / 'w'))
+  assert np.isfinite(summary['after']['loss'])
+
+
+def test_nan_features_are_rejected(tmp_path, monkeypatch):
+  real = train._load_raw
+
+  def with_nan(config):
+    arrays, names, desc = real(config)
+    arrays['x'][3, 0] = np.nan
+    return arrays, names, desc
+  monkeypatch.setattr(train, '_load_raw', with_nan)
+  with pytest.raises(ValueError, match="feature 'x' has NaN or Inf in 1 examples"):
+    train.run(load_config('mlp_synthetic'), str(tmp_path))
+
+
+def test_dp_run_reports_epsilon_at_most_the_target(tmp_path):
+  c = load_config('mlp_synthetic')
+  c.privacy.enabled = True
+  c.privacy.target_epsilon = 5.0
+  c.privacy.clip_norm = 0.5
+  summary = train.run(c, str(tmp_path))
+  records = _read_metrics(tmp_path)
+  eps = [r['epsilon'] for r in records]
+  assert eps == sorted(eps) and 0 < eps[-1] <= 5.0 + 1e-6
+  from fedjax_fm import privacy
+  direct = privacy.epsilon(summary['noise_multiplier'], 8 / 20, 3, 1e-5, sampling='fixed',
+                           population=20)
+  np.testing.assert_allclose(eps[-1], direct, rtol=1e-6)
+
+
+def test_nan_attackers_never_reach_the_model(tmp_path):
+  c = load_config('mlp_synthetic')
+  c.attack.kind, c.attack.fraction = 'nan', 0.25
+  summary = train.run(c, str(tmp_path))
+  records = _read_metrics(tmp_path)
+  assert sum(r.get('nonfinite_clients', 0) for r in records) > 0
+  assert np.isfinite(summary['after']['loss'])
+  assert all(np.isfinite(r['param_norm']) for r in records)
