@@ -26,7 +26,7 @@ TOKENIZERS = ('minilm', 'sentencepiece', 'hf')
 SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval',
             'checkpoint', 'privacy', 'aggregator', 'attack')
 AGGREGATORS = ('mean', 'norm_bounded_mean', 'median', 'trimmed_mean', 'krum', 'multi_krum',
-               'geometric_median')
+               'geometric_median', 'secure_mean')
 ATTACKS = ('none', 'sign_flip', 'scale', 'noise', 'nan')
 
 
@@ -92,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
       per_layer=False, adaptive=False, target_quantile=0.5, clip_learning_rate=0.2,
       accountant='rdp'))
   c.aggregator = ml_collections.ConfigDict(dict(
-      name='mean', max_norm=1.0, trim_fraction=0.1, num_byzantine=1, multi_krum_m=0))
+      name='mean', max_norm=1.0, trim_fraction=0.1, num_byzantine=1, multi_krum_m=0,
+      secure_clip_range=1.0))
   # Simulated malicious clients: a fixed fraction of the population (seeded).
   c.attack = ml_collections.ConfigDict(dict(kind='none', fraction=0.0, scale=10.0))
   return c
@@ -291,6 +292,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                  'DP-FedAvg defines its own (uniform, clipped) mean: use "mean"')
   _one_of(c, 'aggregator.name', AGGREGATORS)
   _float_range(c, 'aggregator.max_norm', 0.0, lo_open=True)
+  _float_range(c, 'aggregator.secure_clip_range', 0.0, lo_open=True)
   _float_range(c, 'aggregator.trim_fraction', 0.0, 0.5, hi_open=True)
   _int_range(c, 'aggregator.num_byzantine', 0)
   _int_range(c, 'aggregator.multi_krum_m', 0)

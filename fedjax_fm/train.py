@@ -434,6 +434,8 @@ def _aggregator(config):
     return aggregate_lib.krum(a.num_byzantine)
   if a.name == 'multi_krum':
     return aggregate_lib.multi_krum(a.num_byzantine, a.multi_krum_m or None)
+  if a.name == 'secure_mean':
+    return privacy_lib.secure_agg.secure_mean(a.secure_clip_range, seed=config.seed)
   return aggregate_lib.geometric_median()
 
 

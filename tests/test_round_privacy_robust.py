@@ -132,3 +132,13 @@ def test_nan_attack_is_dropped_by_the_guard():
 def test_adaptive_clip_requires_privacy():
   with pytest.raises(ValueError, match='adaptive_clip needs privacy'):
     build(adaptive_clip=privacy.quantile_adaptive_clip(0.5))
+
+
+def test_secure_mean_round_equals_plain_uniform_mean():
+  data = round_data()
+  data['client_mask'] = np.ones(C, bool)
+  data['client_mask'][6] = False          # a dropped client: its masks are recovered
+  deltas = np.delete(client_deltas(data), 6, axis=0)
+  state, _ = run(build(aggregator=privacy.secure_agg.secure_mean(clip_range=1.0)), data)
+  # Within the fixed-point step of the encoding (about C / scale per coordinate).
+  np.testing.assert_allclose(state.params['w'], deltas.mean(0), atol=1e-5)

@@ -300,3 +300,31 @@ def secure_sum(key, updates, dropped, *, clip_range: float,
   seeds = pairwise_seeds(seed_key, client_ids)
   masked = mask(q, client_ids, seeds)
   return dequantize(unmask_sum(masked, dropped, client_ids, seeds), scale)
+
+
+def secure_mean(clip_range: float, *, seed: int = 0):
+  """A stacked aggregator that averages through simulated secure aggregation.
+
+  Each round the live clients (weight > 0) quantize their updates, add pairwise
+  masks and the server unmasks only the sum (`secure_sum`), then divides by the
+  number of live clients: a uniform mean, since a client cannot know the total
+  weight it would need to pre-scale by. Padding and dropped clients (weight 0)
+  are treated as dropped, their masks recovered.
+
+  Args:
+    clip_range: coordinate bound of the fixed-point encoding.
+    seed: seed of the pairwise mask seeds (a simulation: real clients agree
+      on them by key exchange).
+
+  Returns:
+    A `fedjax_fm.aggregate.StackedAggregator`.
+  """
+  from fedjax_fm.aggregate.robust import StackedAggregator  # pylint: disable=g-import-not-at-top
+
+  def aggregate(updates, weights):
+    live = jnp.asarray(weights) > 0
+    total = secure_sum(jax.random.key(seed), updates, ~live, clip_range=clip_range)
+    count = jnp.maximum(jnp.sum(live.astype(jnp.float32)), 1.0)
+    return jax.tree.map(lambda t: t / count, total)
+
+  return StackedAggregator(aggregate)
