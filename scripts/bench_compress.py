@@ -85,7 +85,8 @@ def main():
     copy = jax.jit(lambda t: jax.tree.map(lambda a: a + 0.0, t))
     copy_s = _time(copy, (tree,), 3 * args.repeats)
     label = f'{side}x{side}'
-    entry = {'params': side * side, 'input_bytes': x.nbytes, 'copy_s': copy_s, 'ops': {}}
+    entry = {'params': side * side, 'input_bytes': x.nbytes, 'copy_s': round(copy_s, 6),
+             'ops': {}}
     print(f'[{label}] copy: {copy_s * 1e3:.2f} ms', flush=True)
     for name in names:
       if name.startswith('svd') and side > args.svd_max_side:
@@ -101,9 +102,10 @@ def main():
       t_dec = _time(decode, (payload,), args.repeats)
       t = t_enc + t_dec
       nbytes = compress.payload_nbytes(c, tree)
-      entry['ops'][name] = {'time_s': t, 'encode_s': t_enc, 'decode_s': t_dec,
-                            'ratio_to_copy': t / copy_s, 'payload_bytes': nbytes,
-                            'compression_ratio': x.nbytes / nbytes}
+      entry['ops'][name] = {'time_s': round(t, 6), 'encode_s': round(t_enc, 6),
+                            'decode_s': round(t_dec, 6), 'ratio_to_copy': round(t / copy_s, 2),
+                            'payload_bytes': nbytes,
+                            'compression_ratio': round(x.nbytes / nbytes, 2)}
       print(f'[{label}] {name}: {t * 1e3:.2f} ms = encode {t_enc * 1e3:.2f} + decode '
             f'{t_dec * 1e3:.2f} ({t / copy_s:.1f}x copy), compression {x.nbytes / nbytes:.1f}x',
             flush=True)

@@ -104,7 +104,7 @@ def test_kernel_under_vmap():
   batched = jax.jit(jax.vmap(lambda k, t: c.encode(k, t, ())[0]))(keys, trees)
   ref = compress.stochastic_uniform(4, block_size=64, use_kernel=False)
   for i in range(2):
-    single = jax.jit(ref.encode)(keys[i], {"w": trees["w"][i]}, ())[0]
+    single = jax.jit(ref.encode)(keys[i], {'w': trees['w'][i]}, ())[0]
     np.testing.assert_array_equal(np.asarray(batched['w'].words[i]),
                                   np.asarray(single['w'].words))
 

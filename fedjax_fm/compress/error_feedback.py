@@ -17,7 +17,7 @@ feedback costs no bytes, only client memory.
 References:
   Seide et al. 2014, "1-Bit Stochastic Gradient Descent and its Application
   to Data-Parallel Distributed Training of Speech DNNs",
-  https://www.microsoft.com/en-us/research/publication/1-bit-stochastic-gradient-descent-and-application-to-data-parallel-distributed-training-of-speech-dnns/.
+  https://www.isca-archive.org/interspeech_2014/seide14_interspeech.html.
   Karimireddy et al. 2019, "Error Feedback Fixes SignSGD and other Gradient
   Compression Schemes", https://arxiv.org/abs/1901.09847.
   Stich et al. 2018, "Sparsified SGD with Memory", https://arxiv.org/abs/1809.07599.

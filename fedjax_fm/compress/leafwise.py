@@ -31,6 +31,8 @@ from fedjax_fm.compress.base import Compressor
 
 Spec = list  # list of (shape tuple, numpy dtype): the arrays of one leaf's payload
 
+DEFAULT_MIN_SIZE = 256   # leaves with fewer elements (biases, norms) are sent raw
+
 
 class Payload:
   """Base class of the per-leaf payload nodes (see :func:`payload_node`)."""
@@ -134,9 +136,6 @@ def index_dtype(n: int):
 
 def spec_nbytes(spec: Spec) -> int:
   return sum(size_of(s) * np.dtype(d).itemsize for s, d in spec)
-
-
-DEFAULT_MIN_SIZE = 256   # leaves with fewer elements (biases, norms) are sent raw
 
 
 def takes_float(min_size: int):
