@@ -55,7 +55,8 @@ def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransfor
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def client_update(global_params, frozen, data, key):
+  def client_update(global_params, frozen, data, key, masks=None):
+    """One client's local training; ``masks`` (bool tree) pins pruned weights to 0."""
     opt_state = client_optimizer.init(global_params)
     num_steps = data['step_mask'].shape[0]
 
@@ -64,8 +65,12 @@ def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransfor
       batch, example_mask, step_mask, s = xs
       (_, loss), grads = grad_fn(params, global_params, frozen, batch, example_mask,
                                  jax.random.fold_in(key, s))
+      if masks is not None:   # federated pruning: pruned weights get no gradient...
+        grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0), grads, masks)
       updates, new_opt_state = client_optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
+      if masks is not None:   # ... and stay exactly zero whatever the optimizer does
+        new_params = jax.tree.map(lambda p, m: jnp.where(m, p, 0), new_params, masks)
       params = tree_util.tree_select(step_mask, new_params, params)
       opt_state = tree_util.tree_select(step_mask, new_opt_state, opt_state)
       return (params, opt_state), jnp.where(step_mask, loss, 0.0)

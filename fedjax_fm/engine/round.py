@@ -66,6 +66,8 @@ def build_round(loss_fn: client_lib.LossFn,
                 prox_mu: float = 0.0,
                 aggregator: StreamingAggregator | Any | None = None,
                 compressor: compress_base.Compressor | None = None,
+                downlink_compressor: compress_base.Compressor | None = None,
+                pruning: bool = False,
                 privacy: Any = None,
                 adaptive_clip: Any = None,
                 attack: tuple[str, float] | None = None,
@@ -90,6 +92,14 @@ def build_round(loss_fn: client_lib.LossFn,
       one (an object with ``aggregate(updates [C, ...], weights [C])``, e.g.
       median or Krum) which sees all updates at once (memory O(C)).
     compressor: uplink compressor (default: identity).
+    downlink_compressor: compresses the broadcast: the server keeps the model the
+      clients hold (``aux['client_view']``) and each round sends the encoded
+      difference to its own params; clients train from (and send deltas against)
+      that view. The difference not yet sent carries over (error feedback on the
+      server). Every client is assumed to hold the latest view.
+    pruning: federated pruning: boolean masks in ``aux['masks']`` (set between
+      rounds, e.g. by `fedjax_fm.prune.global_magnitude_masks`) zero the
+      gradients of pruned weights in local training and keep them exactly 0.
     privacy: client-level DP: an object with ``clip(delta) -> (delta, norm)``,
       applied per client before encoding, and ``noise(key, mean, num_clients)``
       applied to the aggregate. With privacy, clients are averaged with
@@ -115,7 +125,8 @@ def build_round(loss_fn: client_lib.LossFn,
   client_update = client_lib.make_client_update(loss_fn, client_optimizer, prox_mu)
   params_shape = jax.eval_shape(lambda p: p, params_like)
   uplink = compress_base.payload_nbytes(compressor, params_shape)
-  downlink = tree_util.tree_nbytes(params_shape)
+  downlink = (tree_util.tree_nbytes(params_shape) if downlink_compressor is None else
+              compress_base.payload_nbytes(downlink_compressor, params_shape))
 
   if adaptive_clip is not None and privacy is None:
     raise ValueError('adaptive_clip needs privacy (the clipping it adapts)')
@@ -127,13 +138,22 @@ def build_round(loss_fn: client_lib.LossFn,
     aux = {}
     if adaptive_clip is not None:
       aux['clip'] = adaptive_clip.init(privacy.clip_norm)
+    if downlink_compressor is not None:
+      aux['client_view'] = jax.tree.map(jnp.zeros_like, params)
+      aux['downlink_state'] = downlink_compressor.init(params)
+    if pruning:
+      aux['masks'] = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
     return ServerState(params=params, opt_state=server_optimizer.init(params),
                        client_store=store, key=key, round=jnp.zeros((), jnp.int32),
                        aux=aux)
 
   def per_client(params, frozen, x):
+    if pruning:
+      params, masks = params
+    else:
+      masks = None
     train_key, encode_key = jax.random.split(x['key'])
-    delta, metrics = client_update(params, frozen, x['data'], train_key)
+    delta, metrics = client_update(params, frozen, x['data'], train_key, masks)
     metrics['update_norm'] = tree_util.tree_norm(delta)
     if privacy is not None:
       delta, norm = privacy.clip(delta, clip_norm=x['clip_norm'])
@@ -186,17 +206,29 @@ def build_round(loss_fn: client_lib.LossFn,
       attacker = round_data.get('attacker')
       xs['attacker'] = (jnp.zeros(weight.shape, bool) if attacker is None
                         else jnp.asarray(attacker, bool))
+    aux = state.aux
+    # What the clients start from: the server params, or the view they were sent.
+    start = state.params
+    if downlink_compressor is not None:
+      down_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFE))
+      payload, down_state = downlink_compressor.encode(
+          down_key, tree_util.tree_sub(state.params, aux['client_view']),
+          aux['downlink_state'])
+      view = tree_util.tree_add(aux['client_view'], downlink_compressor.decode(payload))
+      view = jax.tree.map(lambda v, p: v.astype(p.dtype), view, state.params)
+      aux = dict(aux, client_view=view, downlink_state=down_state)
+      start = view
+    broadcast = (start, aux['masks']) if pruning else start
     run_aggregator = mean_lib.weighted_mean() if stacked else aggregator
     acc, (new_client_states, cm, collected) = strategies.run_clients(
-        strategy, per_client, run_aggregator, state.params, frozen, xs,
-        chunk_size=chunk_size, mesh=mesh)
+        strategy, per_client, run_aggregator, broadcast, frozen, xs,
+        chunk_size=chunk_size, mesh=mesh, update_like=state.params)
     if stacked:
       updates, weights = collected
       mean_delta = aggregator.aggregate(updates, weights)
       agg_info = {'total_weight': jnp.sum(weights)}
     else:
       mean_delta, agg_info = aggregator.finalize(acc)
-    aux = state.aux
     if privacy is not None:
       noise_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFF))
       mean_delta = privacy.noise(noise_key, mean_delta, jnp.sum(mask.astype(jnp.float32)),
@@ -209,6 +241,8 @@ def build_round(loss_fn: client_lib.LossFn,
     server_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
     updates, opt_state = server_optimizer.update(server_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if pruning:
+      params = jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, aux['masks'])
     store = jax.tree.map(lambda s, n: s.at[store_ids].set(n, mode='drop'),
                          state.client_store, new_client_states)
 

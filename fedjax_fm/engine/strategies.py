@@ -53,13 +53,14 @@ def _vmapped_chunk(per_client, aggregator, params, frozen):
   return body
 
 
-def run_vmap(per_client, aggregator: StreamingAggregator, params, frozen, xs):
+def run_vmap(per_client, aggregator: StreamingAggregator, params, frozen, xs,
+             update_like=None):
   body = _vmapped_chunk(per_client, aggregator, params, frozen)
-  return body(aggregator.zero(params), xs)
+  return body(aggregator.zero(params if update_like is None else update_like), xs)
 
 
 def run_chunked(per_client, aggregator: StreamingAggregator, params, frozen, xs,
-                chunk_size: int):
+                chunk_size: int, update_like=None):
   num_clients = xs['weight'].shape[0]
   if num_clients % chunk_size:
     raise ValueError(f'chunk_size={chunk_size} must divide the clients per round '
@@ -67,12 +68,13 @@ def run_chunked(per_client, aggregator: StreamingAggregator, params, frozen, xs,
   num_chunks = num_clients // chunk_size
   body = _vmapped_chunk(per_client, aggregator, params, frozen)
   xs = _split_leading(xs, num_chunks, chunk_size)
-  acc, outs = jax.lax.scan(body, aggregator.zero(params), xs)
+  zero = aggregator.zero(params if update_like is None else update_like)
+  acc, outs = jax.lax.scan(body, zero, xs)
   return acc, _merge_leading(outs)
 
 
 def run_sharded(per_client, aggregator: StreamingAggregator, params, frozen, xs,
-                chunk_size: int, mesh: Mesh):
+                chunk_size: int, mesh: Mesh, update_like=None):
   num_devices = mesh.shape[CLIENTS_AXIS]
   num_clients = xs['weight'].shape[0]
   if num_clients % (num_devices * chunk_size):
@@ -81,7 +83,8 @@ def run_sharded(per_client, aggregator: StreamingAggregator, params, frozen, xs,
         f'({num_devices} x {chunk_size}); pad the round with padding clients')
 
   def local(params, frozen, xs):
-    acc, outs = run_chunked(per_client, aggregator, params, frozen, xs, chunk_size)
+    acc, outs = run_chunked(per_client, aggregator, params, frozen, xs, chunk_size,
+                            update_like)
     return jax.lax.psum(acc, CLIENTS_AXIS), outs
 
   # Manual over `clients` only: other mesh axes (e.g. `model`, over which the
@@ -97,8 +100,11 @@ def run_sharded(per_client, aggregator: StreamingAggregator, params, frozen, xs,
 
 def run_clients(strategy: str, per_client: Callable, aggregator: StreamingAggregator,
                 params, frozen, xs: Any, *, chunk_size: int | None = None,
-                mesh: Mesh | None = None):
+                mesh: Mesh | None = None, update_like=None):
   """Runs ``per_client`` over the clients axis with the named strategy.
+
+  ``params`` is whatever every client receives (broadcast); ``update_like``
+  (default: ``params``) shapes the aggregator's accumulator.
 
   Returns:
     ``(accumulator, outputs)``: the aggregator's accumulated sums and the
@@ -106,13 +112,13 @@ def run_clients(strategy: str, per_client: Callable, aggregator: StreamingAggreg
   """
   num_clients = xs['weight'].shape[0]
   if strategy == 'vmap':
-    return run_vmap(per_client, aggregator, params, frozen, xs)
+    return run_vmap(per_client, aggregator, params, frozen, xs, update_like)
   if strategy == 'chunked':
     return run_chunked(per_client, aggregator, params, frozen, xs,
-                       chunk_size or num_clients)
+                       chunk_size or num_clients, update_like)
   if strategy == 'sharded':
     mesh = mesh if mesh is not None else clients_mesh()
     local_clients = num_clients // mesh.shape[CLIENTS_AXIS]
     return run_sharded(per_client, aggregator, params, frozen, xs,
-                       chunk_size or max(local_clients, 1), mesh)
+                       chunk_size or max(local_clients, 1), mesh, update_like)
   raise ValueError(f'strategy {strategy!r} is unknown; allowed: {STRATEGIES}')
