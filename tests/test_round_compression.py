@@ -90,3 +90,25 @@ def test_pruned_weights_stay_exactly_zero():
   assert np.all(w[~m] == 0.0)
   assert np.count_nonzero(w[m]) == m.sum()                     # the rest keep training
   np.testing.assert_allclose(1 - m.mean(), 0.75, atol=1 / m.size)
+
+
+def test_prune_scores_are_the_mean_dense_gradient_and_drive_regrowth():
+  fed = build(pruning=True, prune_scores=True)
+  assert fed.uplink_bytes_per_client == 2 * tree_util.tree_nbytes(params0())
+  state = fed.init(params0(), jax.random.key(0))
+  masks = prune.global_magnitude_masks(state.params, 0.5, min_size=1)
+  state = state._replace(params=prune.apply_masks(state.params, masks),
+                         aux=dict(state.aux, masks=masks))
+  data = round_data([0, 1, 2, 3, 4, 5])
+  start = state.params
+  state, _ = fed.apply(state, {}, data)
+  grads = [jax.grad(lambda p: jnp.mean(loss_fn(p, None, {'x': data['batch']['x'][c, 0],
+                                                          'y': data['batch']['y'][c, 0]},
+                                                 None)))(start)['w'] for c in range(C)]
+  np.testing.assert_allclose(state.aux['prune_scores']['w'], np.mean(grads, 0), rtol=1e-4,
+                             atol=1e-6)
+  assert np.count_nonzero(np.asarray(state.aux['prune_scores']['w'])[~np.asarray(masks['w'])])
+  params, new_masks = prune.prune_and_regrow(state.params, masks, state.aux['prune_scores'],
+                                             0.2)
+  assert int(np.sum(new_masks['w'])) == int(np.sum(masks['w']))
+  assert bool(np.any(np.asarray(new_masks['w']) & ~np.asarray(masks['w'])))

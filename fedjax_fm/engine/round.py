@@ -68,6 +68,7 @@ def build_round(loss_fn: client_lib.LossFn,
                 compressor: compress_base.Compressor | None = None,
                 downlink_compressor: compress_base.Compressor | None = None,
                 pruning: bool = False,
+                prune_scores: bool = False,
                 privacy: Any = None,
                 adaptive_clip: Any = None,
                 attack: tuple[str, float] | None = None,
@@ -100,6 +101,10 @@ def build_round(loss_fn: client_lib.LossFn,
     pruning: federated pruning: boolean masks in ``aux['masks']`` (set between
       rounds, e.g. by `fedjax_fm.prune.global_magnitude_masks`) zero the
       gradients of pruned weights in local training and keep them exactly 0.
+    prune_scores: with pruning, every client also reports the dense gradient of
+      its first batch at the global model (PruneFL-style; counted in the uplink
+      bytes); its weighted mean is kept in ``aux['prune_scores']`` to choose
+      which pruned weights to regrow (`fedjax_fm.prune.prune_and_regrow`).
     privacy: client-level DP: an object with ``clip(delta) -> (delta, norm)``,
       applied per client before encoding, and ``noise(key, mean, num_clients)``
       applied to the aggregate. With privacy, clients are averaged with
@@ -125,6 +130,10 @@ def build_round(loss_fn: client_lib.LossFn,
   client_update = client_lib.make_client_update(loss_fn, client_optimizer, prox_mu)
   params_shape = jax.eval_shape(lambda p: p, params_like)
   uplink = compress_base.payload_nbytes(compressor, params_shape)
+  if prune_scores and (not pruning or stacked):
+    raise ValueError('prune_scores needs pruning=True and a streaming aggregator')
+  if prune_scores:
+    uplink += tree_util.tree_nbytes(params_shape)
   downlink = (tree_util.tree_nbytes(params_shape) if downlink_compressor is None else
               compress_base.payload_nbytes(downlink_compressor, params_shape))
 
@@ -143,6 +152,8 @@ def build_round(loss_fn: client_lib.LossFn,
       aux['downlink_state'] = downlink_compressor.init(params)
     if pruning:
       aux['masks'] = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    if prune_scores:
+      aux['prune_scores'] = jax.tree.map(jnp.zeros_like, params)
     return ServerState(params=params, opt_state=server_optimizer.init(params),
                        client_store=store, key=key, round=jnp.zeros((), jnp.int32),
                        aux=aux)
@@ -173,6 +184,13 @@ def build_round(loss_fn: client_lib.LossFn,
       update = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), update)
       weight = jnp.where(finite, weight, 0.0)
     metrics['finite'] = finite
+    if prune_scores:   # dense gradient at the global model on the first batch
+      first = jax.tree.map(lambda a: a[0], x['data'])
+      scores = jax.grad(client_lib.masked_mean_loss, argnums=1)(
+          loss_fn, params, frozen, first['batch'], first['example_mask'], train_key)
+      ok = finite & tree_util.tree_all_finite(scores)
+      scores = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), scores)
+      update = (update, scores)
     outputs = (client_state, metrics, (update, weight) if stacked else ())
     if stacked:   # the stacked aggregator sees all updates after the strategy
       return jax.tree.map(jnp.zeros_like, update), jnp.zeros_like(weight), outputs
@@ -222,13 +240,17 @@ def build_round(loss_fn: client_lib.LossFn,
     run_aggregator = mean_lib.weighted_mean() if stacked else aggregator
     acc, (new_client_states, cm, collected) = strategies.run_clients(
         strategy, per_client, run_aggregator, broadcast, frozen, xs,
-        chunk_size=chunk_size, mesh=mesh, update_like=state.params)
+        chunk_size=chunk_size, mesh=mesh,
+        update_like=(state.params, state.params) if prune_scores else state.params)
     if stacked:
       updates, weights = collected
       mean_delta = aggregator.aggregate(updates, weights)
       agg_info = {'total_weight': jnp.sum(weights)}
     else:
       mean_delta, agg_info = aggregator.finalize(acc)
+    if prune_scores:
+      mean_delta, mean_scores = mean_delta
+      aux = dict(aux, prune_scores=mean_scores)
     if privacy is not None:
       noise_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFF))
       mean_delta = privacy.noise(noise_key, mean_delta, jnp.sum(mask.astype(jnp.float32)),
