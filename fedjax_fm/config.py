@@ -24,7 +24,10 @@ TASKS = ('classification', 'causal_lm')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'quantity_skew', 'natural')
 TOKENIZERS = ('minilm', 'sentencepiece', 'hf')
 SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval',
-            'checkpoint', 'privacy', 'aggregator', 'attack')
+            'checkpoint', 'privacy', 'aggregator', 'attack', 'compress', 'prune')
+COMPRESSORS = ('identity', 'top_k', 'random_k', 'stochastic_uniform', 'qsgd', 'deterministic',
+               'sign', 'ternary', 'svd', 'powersgd')
+QUANTIZERS = ('stochastic_uniform', 'qsgd', 'deterministic')
 AGGREGATORS = ('mean', 'norm_bounded_mean', 'median', 'trimmed_mean', 'krum', 'multi_krum',
                'geometric_median', 'secure_mean')
 ATTACKS = ('none', 'sign_flip', 'scale', 'noise', 'nan')
@@ -96,6 +99,18 @@ def base_config() -> ml_collections.ConfigDict:
       secure_clip_range=1.0))
   # Simulated malicious clients: a fixed fraction of the population (seeded).
   c.attack = ml_collections.ConfigDict(dict(kind='none', fraction=0.0, scale=10.0))
+  # Uplink compression of client updates (payload bytes are measured from the arrays),
+  # optionally followed by a quantizer of the first stage's values (`then`), with
+  # error feedback (residuals kept per client); downlink compression of the broadcast.
+  c.compress = ml_collections.ConfigDict(dict(
+      uplink='identity', fraction=0.01, bits=4, block_size=0, rank=4,
+      error_feedback=False, then='none', then_bits=4,
+      downlink='identity', downlink_fraction=0.1, downlink_bits=8))
+  # Federated magnitude pruning of the trainable params on a polynomial schedule;
+  # regrow_fraction > 0 also prunes and regrows every `every` rounds after `end_round`.
+  c.prune = ml_collections.ConfigDict(dict(
+      enabled=False, initial_sparsity=0.0, final_sparsity=0.9, begin_round=0,
+      end_round=0, every=5, regrow_fraction=0.0, min_size=256))
   return c
 
 
@@ -303,6 +318,38 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                  f'(clients_per_round={f.clients_per_round})')
   _one_of(c, 'attack.kind', ATTACKS)
   _float_range(c, 'attack.fraction', 0.0, 1.0, hi_open=True)
+  x = c.compress
+  _one_of(c, 'compress.uplink', COMPRESSORS)
+  _one_of(c, 'compress.downlink', COMPRESSORS)
+  _one_of(c, 'compress.then', ('none',) + QUANTIZERS)
+  _float_range(c, 'compress.fraction', 0.0, 1.0, lo_open=True)
+  _float_range(c, 'compress.downlink_fraction', 0.0, 1.0, lo_open=True)
+  for field in ('bits', 'then_bits', 'downlink_bits'):
+    if x[field] not in (1, 2, 4, 8):
+      raise _err(f'compress.{field}', x[field], 'allowed values are (1, 2, 4, 8)')
+  _int_range(c, 'compress.block_size', 0)
+  _int_range(c, 'compress.rank', 1)
+  if x.then != 'none' and x.uplink not in ('top_k', 'random_k', 'svd', 'powersgd'):
+    raise _err('compress.then', x.then, 'quantizes the values of a sparse or low-rank '
+               'first stage: compress.uplink in ("top_k", "random_k", "svd", "powersgd")')
+  pr = c.prune
+  if pr.enabled:
+    _float_range(c, 'prune.initial_sparsity', 0.0, 1.0, hi_open=True)
+    _float_range(c, 'prune.final_sparsity', 0.0, 1.0, hi_open=True)
+    if pr.final_sparsity < pr.initial_sparsity:
+      raise _err('prune.final_sparsity', pr.final_sparsity,
+                 f'must be >= config.prune.initial_sparsity={pr.initial_sparsity}')
+    _int_range(c, 'prune.begin_round', 0, c.num_rounds - 1, 'config.num_rounds - 1')
+    _int_range(c, 'prune.end_round', 0)
+    if pr.end_round and pr.end_round < pr.begin_round:
+      raise _err('prune.end_round', pr.end_round,
+                 f'must be >= config.prune.begin_round={pr.begin_round} (0: num_rounds // 2)')
+    _int_range(c, 'prune.every', 1)
+    _float_range(c, 'prune.regrow_fraction', 0.0, 1.0)
+    _int_range(c, 'prune.min_size', 1)
+    if pr.regrow_fraction and c.aggregator.name != 'mean':
+      raise _err('prune.regrow_fraction', pr.regrow_fraction,
+                 'regrowth uses the streaming mean of dense scores: aggregator.name="mean"')
   if c.attack.kind != 'none' and not c.attack.fraction:
     raise _err('attack.fraction', c.attack.fraction,
                f'must be > 0 when attack.kind={c.attack.kind!r}')

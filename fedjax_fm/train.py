@@ -23,12 +23,14 @@ from flax import nnx
 
 from fedjax_fm import aggregate as aggregate_lib
 from fedjax_fm import checkpoint as checkpoint_lib
+from fedjax_fm import compress as compress_lib
 from fedjax_fm import config as config_lib
 from fedjax_fm import data as data_lib
 from fedjax_fm import engine
 from fedjax_fm import models
 from fedjax_fm import peft
 from fedjax_fm import privacy as privacy_lib
+from fedjax_fm import prune as prune_lib
 from fedjax_fm import sharding
 from fedjax_fm import tree_util
 from fedjax_fm.data import partition as partition_lib
@@ -357,6 +359,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
     attackers = aggregate_lib.choose_attackers(population, config.attack.fraction,
                                                seed=config.seed)
 
+  uplink, downlink = build_compressors(config)
+  p_cfg = config.prune
+
   def make_round(chunk_size):
     return engine.build_round(
         loss_fn, split.trainable,
@@ -368,7 +373,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
                                                  eps=so.eps),
         num_clients=population, strategy=f.strategy, chunk_size=chunk_size,
         mesh=mesh, prox_mu=f.prox_mu, aggregator=aggregator, privacy=dp,
-        adaptive_clip=adaptive, attack=attack)
+        adaptive_clip=adaptive, attack=attack, compressor=uplink,
+        downlink_compressor=downlink, pruning=p_cfg.enabled,
+        prune_scores=p_cfg.enabled and p_cfg.regrow_fraction > 0)
 
   if mesh is not None:
     split = split._replace(frozen=sharding.shard_frozen(split.frozen, mesh))
@@ -418,6 +425,29 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   return Experiment(config=config, data=task_data, split=split, task=task,
                     fed_round=fed_round, evaluate=evaluate, round_data=round_data,
                     mesh=mesh, accountant=accountant)
+
+
+def build_compressors(config):
+  """(uplink, downlink) compressors from ``config.compress`` (None: no compression)."""
+  x = config.compress
+
+  def one(name, fraction, bits):
+    if name == 'identity':
+      return None
+    if name in ('top_k', 'random_k'):
+      return compress_lib.get_compressor(name, fraction_or_k=fraction)
+    if name in ('stochastic_uniform', 'qsgd', 'deterministic'):
+      return compress_lib.get_compressor(name, bits=bits, block_size=x.block_size or None)
+    if name in ('svd', 'powersgd'):
+      return compress_lib.get_compressor(name, rank=x.rank)
+    return compress_lib.get_compressor(name)
+
+  up = one(x.uplink, x.fraction, x.bits)
+  if up is not None and x.then != 'none':
+    up = compress_lib.chain(up, one(x.then, x.fraction, x.then_bits))
+  if up is not None and x.error_feedback:
+    up = compress_lib.error_feedback(up)
+  return up, one(x.downlink, x.downlink_fraction, x.downlink_bits)
 
 
 def _aggregator(config):
@@ -506,8 +536,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rounds = range(start, cfg.num_rounds)
   progress = _progress(rounds, cfg.progress)
   compiled = None
+  prune_step = _make_prune_step(cfg) if cfg.prune.enabled else None
   with open(metrics_path if main_process else os.devnull, 'a') as out:
     for r, data in zip(progress, data_lib.prefetch(exp.round_data(r) for r in rounds)):
+      mask_down = 0
+      if prune_step is not None:
+        state, changed = prune_step(state, r)
+        if changed:   # new masks go down to every client of this round
+          mask_down = prune_lib.mask_nbytes(state.aux['masks'])
       t0 = time.time()
       if compiled is None:
         compiled = fed.apply.lower(state, frozen, data).compile()
@@ -518,7 +554,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       round_s = time.time() - t0
       n_clients = int(m['num_clients'])
       up = n_clients * fed.uplink_bytes_per_client
-      down = n_clients * fed.downlink_bytes_per_client
+      down = n_clients * (fed.downlink_bytes_per_client + mask_down)
       total_up += up
       total_down += down
       cmask = np.asarray(m['client_mask'])
@@ -532,6 +568,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       }
       if r == start:
         record['compile_time_s'] = compile_s
+      if prune_step is not None:
+        record['sparsity'] = float(prune_lib.sparsity_of(state.aux['masks'], state.params,
+                                                         min_size=cfg.prune.min_size))
       if exp.accountant is not None:
         record['epsilon'] = exp.accountant.step()
         record['clip_norm'] = float(m['clip_norm'])
@@ -577,6 +616,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
        f' (before: {_fmt_metrics(before)}); uplink total {_fmt_bytes(total_up)}; '
        f'{summary["total_time_s"]:.0f}s')
   return summary
+
+
+def _make_prune_step(cfg):
+  """Host-side pruning between rounds: schedule, masks, optional regrowth."""
+  p = cfg.prune
+  end = p.end_round or max(cfg.num_rounds // 2, p.begin_round)
+  schedule = prune_lib.polynomial_schedule(p.initial_sparsity, p.final_sparsity,
+                                           p.begin_round, end)
+  masks_fn = jax.jit(lambda params, sparsity: prune_lib.global_magnitude_masks(
+      params, sparsity, min_size=p.min_size))
+  regrow_fn = jax.jit(lambda params, masks, scores: prune_lib.prune_and_regrow(
+      params, masks, scores, p.regrow_fraction))
+
+  def step(state, r):
+    if r < p.begin_round or (r - p.begin_round) % p.every:
+      return state, False
+    old = state.aux['masks']
+    if r <= end:
+      masks = masks_fn(state.params, jnp.float32(schedule(r)))
+      params = prune_lib.apply_masks(state.params, masks)
+    elif p.regrow_fraction:
+      params, masks = regrow_fn(state.params, old, state.aux['prune_scores'])
+    else:
+      return state, False
+    changed = bool(prune_lib.masks_changed(old, masks))
+    return state._replace(params=params, aux=dict(state.aux, masks=masks)), changed
+
+  return step
 
 
 def _keep_records(path: str, upto: int) -> None:

@@ -220,3 +220,30 @@ def test_nan_attackers_never_reach_the_model(tmp_path):
   assert sum(r.get('nonfinite_clients', 0) for r in records) > 0
   assert np.isfinite(summary['after']['loss'])
   assert all(np.isfinite(r['param_norm']) for r in records)
+
+
+def test_pruning_follows_its_schedule(tmp_path):
+  from fedjax_fm import prune
+  c = load_config('mlp_synthetic')
+  c.num_rounds = 6
+  c.prune.enabled, c.prune.final_sparsity, c.prune.every = True, 0.8, 1
+  c.prune.begin_round, c.prune.end_round, c.prune.min_size = 0, 4, 64
+  train.run(c, str(tmp_path))
+  schedule = prune.polynomial_schedule(0.0, 0.8, 0, 4)
+  for rec in _read_metrics(tmp_path):
+    # the masks of round r were set before it ran (schedule at r - 1, 0-based)
+    np.testing.assert_allclose(rec['sparsity'], schedule(rec['round'] - 1), atol=2e-3)
+
+
+def test_compressed_uplink_is_measured_from_the_payload(tmp_path):
+  c = load_config('mlp_synthetic')
+  c.compress.uplink, c.compress.fraction, c.compress.error_feedback = 'top_k', 0.05, True
+  c.compress.then, c.compress.then_bits = 'stochastic_uniform', 4
+  summary = train.run(c, str(tmp_path))
+  rec = _read_metrics(tmp_path)[0]
+  dense = summary['trainable_params'] * 4
+  exp = train.build_experiment(c, str(tmp_path / 'x'))
+  per_client = exp.fed_round.uplink_bytes_per_client
+  assert rec['uplink_bytes'] == rec['num_clients'] * per_client
+  assert per_client < dense / 10
+  assert summary['after']['accuracy'] > summary['before']['accuracy']
