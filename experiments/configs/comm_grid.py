@@ -1,0 +1,49 @@
+"""Communication grid on the default task: one compressor per run, same everything else.
+
+The default experiment (federated LoRA on all-MiniLM-L6-v2, stdlib docstrings,
+100 non-IID clients) with its uplink compressed. The argument names the grid
+point, optionally followed by ``,tiny``:
+
+  none         uncompressed FedAvg (f32 LoRA deltas)
+  topk1_ef     top-k 1% of each tensor, error feedback
+  topk2_q4_ef  top-k 2%, values quantized to 4 bits, error feedback
+  q4           stochastic 4-bit quantization (blocks of 256)
+  q2           stochastic 2-bit quantization (blocks of 256)
+  powersgd4    PowerSGD rank 4, error feedback
+  prune90      magnitude pruning of the trainable params to 90% (polynomial schedule
+               over the first half), the surviving values sent as top-k 10%
+
+  python -m experiments.main --config=experiments/configs/comm_grid.py:topk1_ef --workdir=/tmp/comm/topk1_ef
+  python -m experiments.main --config=experiments/configs/comm_grid.py:q4,tiny --workdir=/tmp/comm_tiny
+  python scripts/plot_comm.py --runs /tmp/comm --out comm.png   # after running the grid
+"""
+
+from experiments.configs import default
+
+POINTS = ('none', 'topk1_ef', 'topk2_q4_ef', 'q4', 'q2', 'powersgd4', 'prune90')
+
+
+def get_config(arg: str = 'none'):
+  point, _, variant = (arg or 'none').partition(',')
+  if point not in POINTS:
+    raise ValueError(f'config argument {arg!r} is unknown; allowed: {POINTS} '
+                     'optionally followed by ",tiny"')
+  if variant not in ('', 'tiny'):
+    raise ValueError(f'config argument {arg!r} is unknown; the variant must be "tiny"')
+  c = default.get_config(variant)
+  c.eval.every = 5 if not variant else c.eval.every
+  x = c.compress
+  if point == 'topk1_ef':
+    x.uplink, x.fraction, x.error_feedback = 'top_k', 0.01, True
+  elif point == 'topk2_q4_ef':
+    x.uplink, x.fraction, x.error_feedback = 'top_k', 0.02, True
+    x.then, x.then_bits = 'stochastic_uniform', 4
+  elif point in ('q4', 'q2'):
+    x.uplink, x.bits, x.block_size = 'stochastic_uniform', int(point[1]), 256
+  elif point == 'powersgd4':
+    x.uplink, x.rank, x.error_feedback = 'powersgd', 4, True
+  elif point == 'prune90':
+    c.prune.enabled, c.prune.final_sparsity = True, 0.9
+    c.prune.every, c.prune.min_size = 2, 256
+    x.uplink, x.fraction = 'top_k', 0.1
+  return c
