@@ -35,16 +35,14 @@ def curves(runs_dir):
     xs, ys = [], []
     if os.path.exists(summary):
       with open(summary) as f:
-        before = json.load(f)['before']
-      xs.append(0.0)
-      ys.append(before['accuracy'])
+        out.setdefault('_before', json.load(f)['before']['accuracy'])
     with open(path) as f:
       for line in f:
         rec = json.loads(line)
         if 'eval' in rec:
           xs.append(rec['cum_uplink_bytes'] / 2**20)
           ys.append(rec['eval']['accuracy'])
-    if len(xs) > 1:
+    if xs:
       out[name] = (xs, ys)
   return out
 
@@ -55,11 +53,14 @@ def main():
   p.add_argument('--out', default='comm.png')
   args = p.parse_args()
   data = curves(args.runs)
+  before = data.pop('_before', None)
   if not data:
     raise SystemExit(f'no runs with held-out evaluations under {args.runs}')
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name, (xs, ys) in data.items():
-    ax.plot([max(x, 1e-3) for x in xs], ys, marker='o', ms=3, label=LABELS.get(name, name))
+    ax.plot(xs, ys, marker='o', ms=3, label=LABELS.get(name, name))
+  if before is not None:
+    ax.axhline(before, color='grey', ls='--', lw=1, label='before training')
   ax.set_xscale('log')
   ax.set_xlabel('cumulative uplink (MiB, log scale)')
   ax.set_ylabel('held-out accuracy')
