@@ -11,5 +11,7 @@ from fedjax_fm.engine.round import ServerState
 from fedjax_fm.engine.round import build_round
 from fedjax_fm.engine.sampling import sample_clients
 from fedjax_fm.engine.strategies import STRATEGIES
+from fedjax_fm.engine.sweep import Sweep
+from fedjax_fm.engine.sweep import build_sweep
 from fedjax_fm.engine.strategies import clients_mesh
 from fedjax_fm.engine.strategies import run_clients

@@ -52,6 +52,11 @@ class FederatedRound(NamedTuple):
   apply: Callable[..., tuple[ServerState, dict]]
   uplink_bytes_per_client: int     # from the compressor's payload arrays
   downlink_bytes_per_client: int   # the broadcast trainable params
+  apply_fn: Callable[..., tuple[ServerState, dict]] | None = None   # ``apply``, not jitted
+
+
+def _is_transformation(x) -> bool:
+  return hasattr(x, 'init') and hasattr(x, 'update')
 
 
 def build_round(loss_fn: client_lib.LossFn,
@@ -80,8 +85,13 @@ def build_round(loss_fn: client_lib.LossFn,
     loss_fn: ``loss_fn(trainable, frozen, batch, key) -> per-example loss [B]``.
     params_like: the trainable params (or their ShapeDtypeStructs); fixes the
       structure the round is built for.
-    client_optimizer: local optax optimizer (fresh state every round).
-    server_optimizer: optax optimizer applied to ``-mean_delta``.
+    client_optimizer: local optax optimizer (fresh state every round), or a
+      function ``hparams -> optax.GradientTransformation`` whose hyperparameters
+      (e.g. ``{'client_lr': ...}``) are arrays in the server state: rounds with
+      different values then share one compiled program, and
+      `fedjax_fm.engine.sweep` vmaps them.
+    server_optimizer: optax optimizer applied to ``-mean_delta``, or a function
+      of the same ``hparams``.
     num_clients: total clients in the population (size of the per-client store).
     strategy: ``vmap``, ``chunked`` or ``sharded``.
     chunk_size: clients per vmapped chunk (``chunked`` / per device for
@@ -127,7 +137,13 @@ def build_round(loss_fn: client_lib.LossFn,
   aggregator = aggregator or mean_lib.weighted_mean()
   stacked = hasattr(aggregator, 'aggregate')
   compressor = compressor or compress_base.identity()
-  client_update = client_lib.make_client_update(loss_fn, client_optimizer, prox_mu)
+  client_factory = None if _is_transformation(client_optimizer) else client_optimizer
+  server_factory = None if _is_transformation(server_optimizer) else server_optimizer
+  client_update = (None if client_factory else
+                   client_lib.make_client_update(loss_fn, client_optimizer, prox_mu))
+
+  def server_tx(aux):
+    return server_factory(aux['hparams']) if server_factory else server_optimizer
   params_shape = jax.eval_shape(lambda p: p, params_like)
   uplink = compress_base.payload_nbytes(compressor, params_shape)
   if prune_scores and (not pruning or stacked):
@@ -140,7 +156,10 @@ def build_round(loss_fn: client_lib.LossFn,
   if adaptive_clip is not None and privacy is None:
     raise ValueError('adaptive_clip needs privacy (the clipping it adapts)')
 
-  def init(params, key) -> ServerState:
+  def init(params, key, hparams=None) -> ServerState:
+    if (client_factory or server_factory) and hparams is None:
+      raise ValueError('this round takes its optimizers\' hyperparameters from the state: '
+                       'init(params, key, hparams={...})')
     client_state = compressor.init(params)
     store = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape).copy(), client_state)
@@ -154,7 +173,9 @@ def build_round(loss_fn: client_lib.LossFn,
       aux['masks'] = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
     if prune_scores:
       aux['prune_scores'] = jax.tree.map(jnp.zeros_like, params)
-    return ServerState(params=params, opt_state=server_optimizer.init(params),
+    if hparams is not None:
+      aux['hparams'] = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+    return ServerState(params=params, opt_state=server_tx(aux).init(params),
                        client_store=store, key=key, round=jnp.zeros((), jnp.int32),
                        aux=aux)
 
@@ -164,7 +185,9 @@ def build_round(loss_fn: client_lib.LossFn,
     else:
       masks = None
     train_key, encode_key = jax.random.split(x['key'])
-    delta, metrics = client_update(params, frozen, x['data'], train_key, masks)
+    update_fn = client_update or client_lib.make_client_update(
+        loss_fn, client_factory(x['hparams']), prox_mu)
+    delta, metrics = update_fn(params, frozen, x['data'], train_key, masks)
     metrics['update_norm'] = tree_util.tree_norm(delta)
     if privacy is not None:
       delta, norm = privacy.clip(delta, clip_norm=x['clip_norm'])
@@ -215,6 +238,9 @@ def build_round(loss_fn: client_lib.LossFn,
         'key': keys,
         'client_state': client_states,
     }
+    if client_factory is not None:
+      xs['hparams'] = {k: jnp.broadcast_to(v, weight.shape)
+                       for k, v in state.aux['hparams'].items()}
     clip_norm = None
     if privacy is not None:
       clip_norm = (state.aux['clip'].clip_norm if adaptive_clip is not None
@@ -261,7 +287,7 @@ def build_round(loss_fn: client_lib.LossFn,
             jax.random.fold_in(noise_key, 1)))
 
     server_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
-    updates, opt_state = server_optimizer.update(server_grad, state.opt_state, state.params)
+    updates, opt_state = server_tx(aux).update(server_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if pruning:
       params = jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, aux['masks'])
@@ -297,4 +323,4 @@ def build_round(loss_fn: client_lib.LossFn,
 
   jitted = jax.jit(apply, donate_argnums=(0,) if donate else ())
   return FederatedRound(init=init, apply=jitted, uplink_bytes_per_client=uplink,
-                        downlink_bytes_per_client=downlink)
+                        downlink_bytes_per_client=downlink, apply_fn=apply)
