@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_rounds = 30
   c.log_every = 1
   c.progress = True
+  c.tensorboard = True       # TensorBoard event files under workdir/tensorboard
 
   c.model = ml_collections.ConfigDict(dict(
       kind='minilm',            # minilm (bundled pretrained) | encoder | decoder | mlp
@@ -59,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
       method='lora', rank=8, alpha=16.0, dropout=0.0,
       target_modules=('query', 'value'),
       extra_trainable=('classifier',),
+      # How the server aggregates LoRA factors: fedit (A and B averaged separately),
+      # ffa (A frozen, exact), product (mean of B.A re-factorised by SVD), stack
+      # (FLoRA: exact mean of products merged into the base each round).
+      lora_aggregation='fedit',
   ))
   c.data = ml_collections.ConfigDict(dict(
       source='stdlib_docs', task='classification',
@@ -196,6 +201,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   # peft
   _one_of(c, 'peft.method', PEFT_METHODS)
   if c.peft.method == 'lora':
+    _one_of(c, 'peft.lora_aggregation', ('fedit', 'ffa', 'product', 'stack'))
+    if c.peft.lora_aggregation in ('product', 'stack'):
+      if c.server_optimizer.name != 'fedavg' or c.server_optimizer.learning_rate != 1.0:
+        raise _err('peft.lora_aggregation', c.peft.lora_aggregation,
+                   'lands on the re-factorised LoRA only with server_optimizer.name="fedavg" '
+                   'and learning_rate=1.0')
+      if c.aggregator.name != 'mean':
+        raise _err('peft.lora_aggregation', c.peft.lora_aggregation,
+                   'is itself the aggregator: use aggregator.name="mean"')
     _int_range(c, 'peft.rank', 1)
     _float_range(c, 'peft.alpha', 0.0, lo_open=True)
     _float_range(c, 'peft.dropout', 0.0, 1.0, hi_open=True)

@@ -269,7 +269,10 @@ def build_split(config, model) -> peft.Split:
     peft.apply_lora(model, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
                     target_modules=tuple(p.target_modules),
                     rngs=nnx.Rngs(config.seed + 1))
-    return peft.split_model(model, 'lora', extra_trainable=tuple(p.extra_trainable))
+    split = peft.split_model(model, 'lora', extra_trainable=tuple(p.extra_trainable))
+    if p.lora_aggregation == 'ffa':   # FFA-LoRA: A stays at its shared random init
+      split = peft.lora_aggregation.freeze_lora_a(split)
+    return split
   return peft.split_model(model, 'full')
 
 
@@ -301,8 +304,9 @@ def make_evaluator(split: peft.Split, task: models.Task, eval_arrays, batch_size
     sums, _ = jax.lax.scan(body, zeros, (stacked, mask))
     return sums
 
-  def evaluate(trainable):
-    sums = jax.device_get(run_eval(trainable, split.frozen, stacked, mask))
+  def evaluate(trainable, frozen=None):
+    frozen = split.frozen if frozen is None else frozen
+    sums = jax.device_get(run_eval(trainable, frozen, stacked, mask))
     out = {}
     if 'num_tokens' in sums:   # causal LM: token-weighted loss and perplexity
       tokens = max(float(sums['num_tokens']), 1.0)
@@ -352,6 +356,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
       adaptive = privacy_lib.quantile_adaptive_clip(p.target_quantile,
                                                     learning_rate=p.clip_learning_rate)
   aggregator = _aggregator(config)
+  lora = config.peft.method == 'lora'
+  if lora and config.peft.lora_aggregation != 'fedit':
+    aggregator = peft.lora_aggregation.lora_aggregator(config.peft.lora_aggregation)
   attack = None
   attackers = np.zeros(population, bool)
   if config.attack.kind != 'none':
@@ -375,7 +382,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
         mesh=mesh, prox_mu=f.prox_mu, aggregator=aggregator, privacy=dp,
         adaptive_clip=adaptive, attack=attack, compressor=uplink,
         downlink_compressor=downlink, pruning=p_cfg.enabled,
-        prune_scores=p_cfg.enabled and p_cfg.regrow_fraction > 0)
+        prune_scores=p_cfg.enabled and p_cfg.regrow_fraction > 0, lora_error=lora)
 
   if mesh is not None:
     split = split._replace(frozen=sharding.shard_frozen(split.frozen, mesh))
@@ -514,6 +521,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   start = 0
   if ckpt.latest_round() is not None:
+    if 'base_delta' in state.aux:
+      raise ValueError(
+          f'{ckpt.directory} holds a checkpoint, but peft.lora_aggregation="stack" merges '
+          'into the frozen base every round, which checkpoints do not hold: use a new workdir')
     state, extras = ckpt.restore(state)
     start = int(state.round)
     before, last_eval = extras['before'], extras['last_eval']
@@ -537,6 +548,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = _progress(rounds, cfg.progress)
   compiled = None
   prune_step = _make_prune_step(cfg) if cfg.prune.enabled else None
+  writer = None
+  if cfg.tensorboard and main_process:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    if start == 0:
+      for k, v in before.items():
+        writer.add_scalar(f'eval/{k}', v, 0)
   with open(metrics_path if main_process else os.devnull, 'a') as out:
     for r, data in zip(progress, data_lib.prefetch(exp.round_data(r) for r in rounds)):
       mask_down = 0
@@ -550,6 +568,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         compile_s = time.time() - t0
         t0 = time.time()
       state, m = compiled(state, frozen, data)
+      if 'base_delta' in state.aux:   # FLoRA stacking: merge the exact mean product
+        frozen = peft.lora_aggregation.merge_into_base(
+            frozen, state.aux['base_delta'], scaling=cfg.peft.alpha / cfg.peft.rank)
       m = sharding.to_host(m)
       round_s = time.time() - t0
       n_clients = int(m['num_clients'])
@@ -568,6 +589,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       }
       if r == start:
         record['compile_time_s'] = compile_s
+      if 'lora_aggregation_error' in m:
+        record['lora_aggregation_error'] = float(m['lora_aggregation_error'])
       if prune_step is not None:
         record['sparsity'] = float(prune_lib.sparsity_of(state.aux['masks'], state.params,
                                                          min_size=cfg.prune.min_size))
@@ -577,10 +600,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if 'nonfinite_clients' in m and int(m['nonfinite_clients']):
         record['nonfinite_clients'] = int(m['nonfinite_clients'])
       if (r + 1) % cfg.eval.every == 0 or r + 1 == cfg.num_rounds:
-        last_eval = exp.evaluate(state.params)
+        last_eval = exp.evaluate(state.params, frozen)
         record['eval'] = last_eval
       out.write(json.dumps(record) + '\n')
       out.flush()
+      if writer is not None:
+        _write_tensorboard(writer, record)
       ckpt.maybe_save(state, dict(before=before, last_eval=last_eval, total_up=total_up,
                                   total_down=total_down),
                       force=r + 1 == cfg.num_rounds)
@@ -597,6 +622,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           line += ' | held-out ' + _fmt_metrics(record['eval'])
         _log(line, progress)
   ckpt.close()
+  if writer is not None:
+    writer.close()
 
   summary = {
       'before': before, 'after': last_eval, 'rounds': cfg.num_rounds,
@@ -644,6 +671,22 @@ def _make_prune_step(cfg):
     return state._replace(params=params, aux=dict(state.aux, masks=masks)), changed
 
   return step
+
+
+def _write_tensorboard(writer, record: dict) -> None:
+  step = record['round']
+  for k in ('train_loss', 'update_norm', 'param_norm', 'round_time_s', 'epsilon', 'sparsity',
+            'clip_norm'):
+    if k in record:
+      writer.add_scalar(f'train/{k}', record[k], step)
+  writer.add_scalar('comm/uplink_bytes', record['uplink_bytes'], step)
+  writer.add_scalar('comm/cum_uplink_bytes', record['cum_uplink_bytes'], step)
+  writer.add_scalar('comm/downlink_bytes', record['downlink_bytes'], step)
+  if record['client_loss']:
+    writer.add_histogram('train/client_loss', np.asarray(record['client_loss']), step)
+  for k, v in record.get('eval', {}).items():
+    writer.add_scalar(f'eval/{k}', v, step)
+  writer.flush()
 
 
 def _keep_records(path: str, upto: int) -> None:

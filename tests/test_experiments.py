@@ -247,3 +247,23 @@ def test_compressed_uplink_is_measured_from_the_payload(tmp_path):
   assert rec['uplink_bytes'] == rec['num_clients'] * per_client
   assert per_client < dense / 10
   assert summary['after']['accuracy'] > summary['before']['accuracy']
+
+
+@pytest.mark.parametrize('mode', ['fedit', 'ffa', 'product', 'stack'])
+def test_lora_aggregation_modes_train_and_report_their_error(tmp_path, mode):
+  c = load_config('mlp_synthetic')
+  c.num_rounds = 4
+  c.peft.method, c.peft.rank, c.peft.alpha = 'lora', 2, 4.0
+  c.peft.target_modules, c.peft.extra_trainable = (r'layers\.\d+',), ('classifier',)
+  c.peft.lora_aggregation = mode
+  c.server_optimizer.name, c.server_optimizer.learning_rate = 'fedavg', 1.0
+  c.client_optimizer.learning_rate = 0.3
+  summary = train.run(c, str(tmp_path))
+  errors = [r.get('lora_aggregation_error') for r in _read_metrics(tmp_path)]
+  assert summary['after']['loss'] < summary['before']['loss']
+  if mode == 'ffa':
+    assert max(errors) < 1e-6                      # A is shared: averaging is exact
+  elif mode == 'stack':
+    assert errors == [None] * 4                    # exact by construction
+  else:
+    assert max(errors) > 1e-4                      # FedIT / rank-r truncation error

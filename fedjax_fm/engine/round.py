@@ -78,6 +78,7 @@ def build_round(loss_fn: client_lib.LossFn,
                 adaptive_clip: Any = None,
                 attack: tuple[str, float] | None = None,
                 guard_nonfinite: bool = True,
+                lora_error: bool = False,
                 donate: bool = False) -> FederatedRound:
   """Builds a federated round.
 
@@ -125,6 +126,11 @@ def build_round(loss_fn: client_lib.LossFn,
     attack: ``(kind, scale)`` to simulate malicious clients: the clients with
       ``round_data['attacker']`` set send a corrupted update (``sign_flip``,
       ``scale``, ``noise`` or ``nan``, see `fedjax_fm.aggregate.apply_attack`).
+    lora_error: report each round ``lora_aggregation_error``, the Frobenius
+      distance between the exact weighted mean of the clients' LoRA products
+      ``mean_i(A_i B_i)`` and the product of the aggregated factors (0 for
+      ``ffa``; the SVD tail for ``product``; see `fedjax_fm.peft.lora_aggregation`).
+      Collects the updates ``[C, ...]`` (memory O(C)).
     guard_nonfinite: drop (weight 0) any client whose decoded update has a NaN
       or Inf, so it never reaches the model; counted in the metrics.
     donate: donate the server state's buffers to the round.
@@ -136,6 +142,8 @@ def build_round(loss_fn: client_lib.LossFn,
     raise ValueError(f'strategy {strategy!r} is unknown; allowed: {strategies.STRATEGIES}')
   aggregator = aggregator or mean_lib.weighted_mean()
   stacked = hasattr(aggregator, 'aggregate')
+  collect = stacked or lora_error
+  products = getattr(aggregator, 'products', None)
   compressor = compressor or compress_base.identity()
   client_factory = None if _is_transformation(client_optimizer) else client_optimizer
   server_factory = None if _is_transformation(server_optimizer) else server_optimizer
@@ -173,6 +181,10 @@ def build_round(loss_fn: client_lib.LossFn,
       aux['masks'] = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
     if prune_scores:
       aux['prune_scores'] = jax.tree.map(jnp.zeros_like, params)
+    if products is not None:   # FLoRA-style stacking: dense update merged into the base
+      like = jax.eval_shape(products, jax.tree.map(lambda p: p[None], params),
+                            jnp.ones((1,), jnp.float32), params)
+      aux['base_delta'] = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like)
     if hparams is not None:
       aux['hparams'] = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
     return ServerState(params=params, opt_state=server_tx(aux).init(params),
@@ -214,7 +226,7 @@ def build_round(loss_fn: client_lib.LossFn,
       ok = finite & tree_util.tree_all_finite(scores)
       scores = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), scores)
       update = (update, scores)
-    outputs = (client_state, metrics, (update, weight) if stacked else ())
+    outputs = (client_state, metrics, (update, weight) if collect else ())
     if stacked:   # the stacked aggregator sees all updates after the strategy
       return jax.tree.map(jnp.zeros_like, update), jnp.zeros_like(weight), outputs
     return update, weight, outputs
@@ -270,10 +282,21 @@ def build_round(loss_fn: client_lib.LossFn,
         update_like=(state.params, state.params) if prune_scores else state.params)
     if stacked:
       updates, weights = collected
-      mean_delta = aggregator.aggregate(updates, weights)
+      if getattr(aggregator, 'needs_params', False):
+        mean_delta = aggregator.aggregate(updates, weights, state.params)
+      else:
+        mean_delta = aggregator.aggregate(updates, weights)
       agg_info = {'total_weight': jnp.sum(weights)}
+      if products is not None:
+        aux = dict(aux, base_delta=products(updates, weights, state.params))
     else:
       mean_delta, agg_info = aggregator.finalize(acc)
+    lora_err = None
+    if lora_error and products is None:   # `stack` is exact by construction
+      from fedjax_fm.peft import lora_aggregation  # pylint: disable=g-import-not-at-top
+      updates, weights = collected
+      lora_err = lora_aggregation.aggregation_error(updates, weights, state.params,
+                                                    aggregate=mean_delta, frozen=frozen)
     if prune_scores:
       mean_delta, mean_scores = mean_delta
       aux = dict(aux, prune_scores=mean_scores)
@@ -313,6 +336,8 @@ def build_round(loss_fn: client_lib.LossFn,
         'total_weight': agg_info['total_weight'],
         'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
     }
+    if lora_err is not None:
+      metrics['lora_aggregation_error'] = lora_err
     if privacy is not None:
       metrics['clip_norm'] = clip_norm
       metrics['unclipped_fraction'] = (jnp.sum(fmask * cm['unclipped'].astype(jnp.float32))

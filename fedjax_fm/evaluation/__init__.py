@@ -1,0 +1,53 @@
+"""Evaluation: metrics, per-client federated evaluation, personalisation."""
+
+from fedjax_fm.evaluation.federated import client_eval_batches
+from fedjax_fm.evaluation.federated import client_metric_sums
+from fedjax_fm.evaluation.federated import distribution
+from fedjax_fm.evaluation.federated import finalize_client_sums
+from fedjax_fm.evaluation.federated import higher_is_better
+from fedjax_fm.evaluation.federated import num_eval_batches
+from fedjax_fm.evaluation.federated import per_client_eval
+from fedjax_fm.evaluation.federated import split_clients
+from fedjax_fm.evaluation.federated import summarize
+from fedjax_fm.evaluation.metrics import RougeScore
+from fedjax_fm.evaluation.metrics import accuracy
+from fedjax_fm.evaluation.metrics import exact_match
+from fedjax_fm.evaluation.metrics import generative_metrics
+from fedjax_fm.evaluation.metrics import lcs_length
+from fedjax_fm.evaluation.metrics import masked_mean
+from fedjax_fm.evaluation.metrics import mean_loss
+from fedjax_fm.evaluation.metrics import normalize_answer
+from fedjax_fm.evaluation.metrics import perplexity
+from fedjax_fm.evaluation.metrics import perplexity_from_sums
+from fedjax_fm.evaluation.metrics import rouge_l
+from fedjax_fm.evaluation.metrics import rouge_l_score
+from fedjax_fm.evaluation.metrics import rouge_tokenize
+from fedjax_fm.evaluation.metrics import token_f1
+from fedjax_fm.evaluation.personalize import personalize
+
+__all__ = [
+    'RougeScore',
+    'accuracy',
+    'client_eval_batches',
+    'client_metric_sums',
+    'distribution',
+    'exact_match',
+    'finalize_client_sums',
+    'generative_metrics',
+    'higher_is_better',
+    'lcs_length',
+    'masked_mean',
+    'mean_loss',
+    'normalize_answer',
+    'num_eval_batches',
+    'per_client_eval',
+    'perplexity',
+    'perplexity_from_sums',
+    'personalize',
+    'rouge_l',
+    'rouge_l_score',
+    'rouge_tokenize',
+    'split_clients',
+    'summarize',
+    'token_f1',
+]

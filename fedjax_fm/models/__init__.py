@@ -3,10 +3,21 @@
 from fedjax_fm.models import hf
 from fedjax_fm.models.decoder import Decoder
 from fedjax_fm.models.decoder import DecoderConfig
+from fedjax_fm.models.decoder import KVCache
 from fedjax_fm.models.encoder import Encoder
 from fedjax_fm.models.encoder import EncoderConfig
+from fedjax_fm.models.gpt2 import GPT2
+from fedjax_fm.models.gpt2 import GPT2Config
+from fedjax_fm.models.hf import from_pretrained
 from fedjax_fm.models.hf import load_bert_into
+from fedjax_fm.models.hf import load_gpt2_into
+from fedjax_fm.models.hf import load_llama_into
 from fedjax_fm.models.hf import load_minilm_encoder
+from fedjax_fm.models.generate import Generation
+from fedjax_fm.models.generate import generate
+from fedjax_fm.models.generate import make_generate_fn
+from fedjax_fm.models.generate import select_tokens
+from fedjax_fm.models.generate import top_p_filter
 from fedjax_fm.models.mlp import MLPClassifier
 from fedjax_fm.models.tasks import Task
 from fedjax_fm.models.tasks import causal_lm_task
@@ -20,14 +31,25 @@ __all__ = [
     'DecoderConfig',
     'Encoder',
     'EncoderConfig',
+    'GPT2',
+    'GPT2Config',
+    'Generation',
+    'KVCache',
     'MLPClassifier',
     'Task',
     'causal_lm_task',
     'classification_task',
     'features_classification_task',
+    'from_pretrained',
+    'generate',
     'hf',
     'load_bert_into',
+    'load_gpt2_into',
+    'load_llama_into',
     'load_minilm_encoder',
     'make_eval_fn',
+    'make_generate_fn',
     'make_loss_fn',
+    'select_tokens',
+    'top_p_filter',
 ]

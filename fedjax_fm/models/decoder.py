@@ -16,7 +16,7 @@ biases. Parameter paths::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ __all__ = [
     'DecoderBlock',
     'DecoderConfig',
     'Decoder',
+    'KVCache',
     'MLP',
     'RMSNorm',
     'apply_rope',
@@ -55,6 +56,11 @@ class DecoderConfig:
     rope_theta: RoPE base.
     norm_eps: RMSNorm epsilon.
     tie_embeddings: use the embedding matrix as the output projection.
+    attention_bias: biases on the q/k/v projections (Qwen2; HF Llama's
+      ``attention_bias`` sets this and ``attention_out_bias``).
+    attention_out_bias: bias on the attention output projection ``o_proj``.
+    mlp_bias: biases on ``gate_proj``/``up_proj``/``down_proj`` (HF Llama
+      ``mlp_bias``).
     dropout: residual dropout rate (only active with call-time rngs).
     dtype: compute dtype.
     param_dtype: parameter dtype.
@@ -70,6 +76,9 @@ class DecoderConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  attention_bias: bool = False
+  attention_out_bias: bool = False
+  mlp_bias: bool = False
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -158,9 +167,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-def _linear(cfg: DecoderConfig, din: int, dout: int, rngs: nnx.Rngs):
+def _linear(cfg: DecoderConfig, din: int, dout: int, rngs: nnx.Rngs,
+            use_bias: bool = False):
   return nnx.Linear(
-      din, dout, use_bias=False, dtype=cfg.dtype,
+      din, dout, use_bias=use_bias, dtype=cfg.dtype,
       param_dtype=cfg.param_dtype, kernel_init=_INIT, rngs=rngs,
   )
 
@@ -174,10 +184,12 @@ class Attention(nnx.Module):
     self.num_kv_heads = cfg.num_kv_heads
     self.head_dim = hd
     self.rope_theta = cfg.rope_theta
-    self.q_proj = _linear(cfg, cfg.dim, cfg.num_heads * hd, rngs)
-    self.k_proj = _linear(cfg, cfg.dim, cfg.num_kv_heads * hd, rngs)
-    self.v_proj = _linear(cfg, cfg.dim, cfg.num_kv_heads * hd, rngs)
-    self.o_proj = _linear(cfg, cfg.num_heads * hd, cfg.dim, rngs)
+    qkv_bias = cfg.attention_bias
+    self.q_proj = _linear(cfg, cfg.dim, cfg.num_heads * hd, rngs, qkv_bias)
+    self.k_proj = _linear(cfg, cfg.dim, cfg.num_kv_heads * hd, rngs, qkv_bias)
+    self.v_proj = _linear(cfg, cfg.dim, cfg.num_kv_heads * hd, rngs, qkv_bias)
+    self.o_proj = _linear(cfg, cfg.num_heads * hd, cfg.dim, rngs,
+                          cfg.attention_out_bias)
 
   def __call__(
       self,
@@ -185,18 +197,31 @@ class Attention(nnx.Module):
       mask: jax.Array,
       positions: jax.Array,
       *,
+      cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
       rngs: nnx.Rngs | None = None,
-  ) -> jax.Array:
-    """Self-attention.
+  ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Self-attention, optionally over a key/value cache.
+
+    Without ``cache`` the ``L`` tokens attend to each other. With ``cache =
+    (k_cache, v_cache, index)`` (``[B, S, kv_heads, head_dim]`` arrays and an
+    int32 scalar) the new keys/values (after RoPE) are written at slots
+    ``index .. index + L - 1`` and the queries attend to all ``S`` slots.
+
+    If the module has a ``prefix`` child (set by
+    :func:`fedjax_fm.peft.apply_prefix_tuning`), its ``P`` key/value vectors
+    are prepended to the keys/values (no RoPE; always attendable).
 
     Args:
       x: ``[B, L, dim]``.
-      mask: boolean ``[B, L, L]`` (query, key); True = may attend.
+      mask: boolean ``[B, L, L]`` (query, key), or ``[B, L, S]`` (query,
+        cache slot) with a cache; True = may attend.
       positions: ``[L]`` or ``[B, L]`` RoPE positions.
+      cache: optional ``(k_cache, v_cache, index)`` of this layer.
       rngs: call-time rngs (LoRA dropout).
 
     Returns:
-      ``[B, L, dim]``.
+      ``[B, L, dim]``; with a cache, ``(out, (k_cache, v_cache))`` with the
+      updated layer cache.
     """
     b, l, _ = x.shape
     kv, hd = self.num_kv_heads, self.head_dim
@@ -206,6 +231,21 @@ class Attention(nnx.Module):
     v = linear_apply(self.v_proj, x, rngs).reshape(b, l, kv, hd)
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
+    new_cache = None
+    if cache is not None:
+      k_cache, v_cache, index = cache
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      new_cache = (k, v)
+    prefix = getattr(self, 'prefix', None)
+    if prefix is not None:
+      pk, pv = prefix(b)
+      k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+      mask = jnp.concatenate(
+          [jnp.ones(mask.shape[:2] + (pk.shape[1],), bool), mask], axis=-1
+      )
     # Query head h uses kv head h // g (same as HF repeat_kv).
     q = q.reshape(b, l, kv, g, hd)
     scores = jnp.einsum(
@@ -217,16 +257,17 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v)
     out = out.reshape(b, l, self.num_heads * hd)
-    return linear_apply(self.o_proj, out, rngs)
+    out = linear_apply(self.o_proj, out, rngs)
+    return out if new_cache is None else (out, new_cache)
 
 
 class MLP(nnx.Module):
   """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-    self.gate_proj = _linear(cfg, cfg.dim, cfg.mlp_dim, rngs)
-    self.up_proj = _linear(cfg, cfg.dim, cfg.mlp_dim, rngs)
-    self.down_proj = _linear(cfg, cfg.mlp_dim, cfg.dim, rngs)
+    self.gate_proj = _linear(cfg, cfg.dim, cfg.mlp_dim, rngs, cfg.mlp_bias)
+    self.up_proj = _linear(cfg, cfg.dim, cfg.mlp_dim, rngs, cfg.mlp_bias)
+    self.down_proj = _linear(cfg, cfg.mlp_dim, cfg.dim, rngs, cfg.mlp_bias)
 
   def __call__(self, x, *, rngs: nnx.Rngs | None = None):
     h = jax.nn.silu(linear_apply(self.gate_proj, x, rngs))
@@ -246,11 +287,44 @@ class DecoderBlock(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
     self.dropout = cfg.dropout
 
-  def __call__(self, x, mask, positions, *, rngs: nnx.Rngs | None = None):
-    h = self.attn(self.attn_norm(x), mask, positions, rngs=rngs)
+  def __call__(self, x, mask, positions, *, cache=None,
+               rngs: nnx.Rngs | None = None):
+    """Applies the block; see :meth:`Attention.__call__` for ``cache``.
+
+    Returns:
+      ``[B, L, dim]``; with a cache, ``(x, (k_cache, v_cache))``.
+    """
+    h = self.attn(self.attn_norm(x), mask, positions, cache=cache, rngs=rngs)
+    if cache is not None:
+      h, new_cache = h
     x = x + _dropout(h, self.dropout, rngs)
     h = self.mlp(self.mlp_norm(x), rngs=rngs)
-    return x + _dropout(h, self.dropout, rngs)
+    x = x + _dropout(h, self.dropout, rngs)
+    return x if cache is None else (x, new_cache)
+
+
+class KVCache(NamedTuple):
+  """Key/value cache of a :class:`Decoder` (a pytree of arrays).
+
+  Slot ``s`` of every layer holds the RoPE-rotated key and the value of one
+  token; the slots ``0 .. index - 1`` are written.
+
+  Attributes:
+    k: ``[num_layers, B, S, num_kv_heads, head_dim]`` keys.
+    v: ``[num_layers, B, S, num_kv_heads, head_dim]`` values.
+    mask: bool ``[B, S]``; True where a slot holds a real (attendable) token.
+    index: int32 scalar; the next slot to write.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    """Number of slots ``S``."""
+    return self.mask.shape[1]
 
 
 class Decoder(nnx.Module):
@@ -285,35 +359,156 @@ class Decoder(nnx.Module):
       input_ids: jax.Array,
       attention_mask: jax.Array | None = None,
       *,
+      positions: jax.Array | None = None,
+      cache: KVCache | None = None,
       rngs: nnx.Rngs | None = None,
-  ) -> jax.Array:
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Computes next-token logits.
 
+    Two modes:
+
+    * Full sequence (``cache=None``): the ``L`` tokens attend causally to
+      each other. If the model has a soft prompt (a ``prompt`` child, set by
+      :func:`fedjax_fm.peft.apply_prompt_tuning`), its ``V`` virtual tokens
+      (positions ``0..V-1``) are prepended to the token embeddings, are always
+      attended to, and are dropped from the output.
+    * Cached (``cache`` from :meth:`init_cache` or a previous cached call):
+      the tokens are written into the cache at ``cache.index`` and attend to
+      every earlier real slot and causally among themselves. A cache made by
+      :meth:`init_cache` already holds the soft prompt, if any.
+
     Args:
-      input_ids: ``[B, L]`` int token ids, ``L <= max_len``.
+      input_ids: ``[B, L]`` int token ids (``V + L <= max_len`` without a
+        cache; ``cache.index + L <= cache.max_length`` with one, which is not
+        checked: writes past the end are clamped by XLA).
       attention_mask: optional ``[B, L]`` (1 = real token, 0 = padding);
-        padding keys are never attended to. Positions are ``0..L-1``.
+        padding keys are never attended to (with a cache, padding slots stay
+        masked for later calls too).
+      positions: optional ``[L]`` or ``[B, L]`` int RoPE positions of the
+        tokens. Default without a cache: ``V .. V + L - 1``. Default with a
+        cache: the number of real tokens before each token (real cache slots
+        plus real new tokens), so that padding does not shift positions.
+      cache: optional :class:`KVCache`.
       rngs: call-time rngs for dropout; ``None`` = deterministic.
 
     Returns:
-      float32 logits ``[B, L, vocab_size]``.
+      float32 logits ``[B, L, vocab_size]``; with a cache, ``(logits,
+      new_cache)``.
+
+    Raises:
+      ValueError: if ``V + L`` exceeds ``max_len`` (no cache) or ``L``
+        exceeds the cache length.
     """
     cfg = self.config
     b, l = input_ids.shape
-    if l > cfg.max_len:
-      raise ValueError(f'sequence length {l} exceeds max_len={cfg.max_len}')
+    if attention_mask is None:
+      real = jnp.ones((b, l), bool)
+    else:
+      real = attention_mask.astype(bool)
     x = self.embed(input_ids)
+    if cache is not None:
+      return self._cached_forward(x, real, positions, cache, rngs)
+    prompt = getattr(self, 'prompt', None)
+    nv = 0 if prompt is None else prompt.num_virtual_tokens
+    if l + nv > cfg.max_len:
+      extra = f' + {nv} virtual tokens' if nv else ''
+      raise ValueError(
+          f'sequence length {l}{extra} exceeds max_len={cfg.max_len}'
+      )
+    if positions is None:
+      positions = jnp.arange(nv, nv + l)
+    if prompt is not None:
+      x = jnp.concatenate([prompt(b).astype(x.dtype), x], axis=1)
+      real = jnp.concatenate([jnp.ones((b, nv), bool), real], axis=1)
+      positions = jnp.concatenate([
+          jnp.broadcast_to(jnp.arange(nv), (b, nv)),
+          jnp.broadcast_to(positions, (b, l)),
+      ], axis=1)
+    t = nv + l
     x = _dropout(x, cfg.dropout, rngs)
-    mask = jnp.tril(jnp.ones((l, l), dtype=bool))[None]
-    if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, :]
-    mask = jnp.broadcast_to(mask, (b, l, l))
-    positions = jnp.arange(l)
+    mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None] & real[:, None, :]
     for layer in self.layers:
       x = layer(x, mask, positions, rngs=rngs)
+    return self._logits(x[:, nv:], rngs)
+
+  def _logits(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     x = self.norm(x)
     if self.lm_head is None:
       logits = self.embed.attend(x)
     else:
       logits = linear_apply(self.lm_head, x, rngs)
     return logits.astype(jnp.float32)
+
+  def _cached_forward(self, x, real, positions, cache, rngs):
+    """Cached forward of embeddings ``x [B, L, dim]``; see ``__call__``."""
+    b, l = real.shape
+    s = cache.max_length
+    if l > s:
+      raise ValueError(
+          f'{l} new tokens do not fit a cache of max_length={s}'
+      )
+    index = cache.index
+    if positions is None:
+      before = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]
+      positions = before + jnp.cumsum(real, axis=-1, dtype=jnp.int32) - 1
+      positions = jnp.maximum(positions, 0)
+    kv_mask = jax.lax.dynamic_update_slice(cache.mask, real, (0, index))
+    causal = jnp.arange(s)[None, :] <= index + jnp.arange(l)[:, None]
+    mask = causal[None] & kv_mask[:, None, :]
+    x = _dropout(x, self.config.dropout, rngs)
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      x, (k, v) = layer(
+          x, mask, positions, cache=(cache.k[i], cache.v[i], index), rngs=rngs
+      )
+      ks.append(k)
+      vs.append(v)
+    new_cache = KVCache(jnp.stack(ks), jnp.stack(vs), kv_mask, index + l)
+    return self._logits(x, rngs), new_cache
+
+  def init_cache(
+      self, batch_size: int, max_length: int, *, dtype: Any = None
+  ) -> KVCache:
+    """Returns a :class:`KVCache` for cached calls of this model.
+
+    The cache is empty, except with a soft prompt (prompt tuning): its ``V``
+    virtual tokens, which only attend to each other, are run through the
+    model and fill slots ``0..V-1`` (``index = V``).
+
+    Args:
+      batch_size: ``B >= 1``.
+      max_length: number of slots ``S``, virtual tokens included; ``V < S
+        <= config.max_len``.
+      dtype: cache dtype; defaults to the compute dtype ``config.dtype``.
+
+    Returns:
+      The cache.
+
+    Raises:
+      ValueError: on a bad ``batch_size`` or ``max_length``.
+    """
+    cfg = self.config
+    for name, value in (('batch_size', batch_size),
+                        ('max_length', max_length)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
+    prompt = getattr(self, 'prompt', None)
+    nv = 0 if prompt is None else prompt.num_virtual_tokens
+    if not nv < max_length <= cfg.max_len:
+      raise ValueError(
+          f'max_length must be in ({nv}, max_len={cfg.max_len}] (the model '
+          f'has {nv} virtual tokens), got {max_length}'
+      )
+    dtype = cfg.dtype if dtype is None else dtype
+    shape = (len(self.layers), batch_size, max_length, cfg.num_kv_heads,
+             cfg.head_dim)
+    cache = KVCache(
+        jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+        jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32),
+    )
+    if prompt is not None:
+      x = prompt(batch_size).astype(cfg.dtype)
+      _, cache = self._cached_forward(
+          x, jnp.ones((batch_size, nv), bool), jnp.arange(nv), cache, None
+      )
+    return cache

@@ -117,7 +117,7 @@ def features_classification_task(
   return Task(loss, metrics)
 
 
-def _lm_terms(model, batch, rngs, ids_key, mask_key):
+def _lm_terms(model, batch, rngs, ids_key, mask_key, loss_mask_key=None):
   ids = batch[ids_key]
   mask = batch.get(mask_key) if mask_key is not None else None
   logits = model(ids, mask, rngs=rngs)[:, :-1]
@@ -127,6 +127,8 @@ def _lm_terms(model, batch, rngs, ids_key, mask_key):
   else:
     mask = mask.astype(bool)
     valid = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)
+  if loss_mask_key is not None:
+    valid = valid * batch[loss_mask_key][:, 1:].astype(bool)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   num = valid.sum(-1)
@@ -137,17 +139,24 @@ def _lm_terms(model, batch, rngs, ids_key, mask_key):
 
 
 def causal_lm_task(
-    ids_key: str = 'input_ids', mask_key: str | None = 'attention_mask'
+    ids_key: str = 'input_ids',
+    mask_key: str | None = 'attention_mask',
+    loss_mask_key: str | None = None,
 ) -> Task:
   """Next-token prediction with a :class:`~fedjax_fm.models.Decoder`.
 
   Target ``ids[t+1]`` is predicted from position ``t`` and counts when both
-  tokens are real (``mask[t] == mask[t+1] == 1``; all count without a mask).
+  tokens are real (``mask[t] == mask[t+1] == 1``; all count without a mask)
+  and, with ``loss_mask_key``, when ``loss_mask[t+1] == 1`` (e.g. only the
+  response tokens of instruction tuning, see
+  :func:`fedjax_fm.data.tokenize_instructions`).
   The per-example loss is the mean NLL over its valid targets (0 if none).
 
   Args:
     ids_key: batch key of the ``[B, L]`` token ids.
     mask_key: batch key of the ``[B, L]`` attention mask (optional).
+    loss_mask_key: optional batch key of a ``[B, L]`` 0/1 mask of the
+      tokens to predict.
 
   Returns:
     A :class:`Task` with metrics ``loss``, ``accuracy`` (per-example token
@@ -156,12 +165,14 @@ def causal_lm_task(
   """
 
   def loss(model, batch, rngs):
-    nll_sum, _, _, denom = _lm_terms(model, batch, rngs, ids_key, mask_key)
+    nll_sum, _, _, denom = _lm_terms(
+        model, batch, rngs, ids_key, mask_key, loss_mask_key
+    )
     return nll_sum / denom
 
   def metrics(model, batch):
     nll_sum, correct_sum, num, denom = _lm_terms(
-        model, batch, None, ids_key, mask_key
+        model, batch, None, ids_key, mask_key, loss_mask_key
     )
     return {
         'loss': nll_sum / denom,

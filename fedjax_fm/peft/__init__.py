@@ -1,9 +1,25 @@
 """Parameter-efficient fine-tuning: LoRA and trainable/frozen splits."""
 
+from fedjax_fm.peft import lora_aggregation
+from fedjax_fm.peft import slora
+from fedjax_fm.peft.adapters import AdapterLinear
+from fedjax_fm.peft.adapters import AdapterParam
+from fedjax_fm.peft.adapters import apply_adapters
+from fedjax_fm.peft.ia3 import IA3Linear
+from fedjax_fm.peft.ia3 import IA3Param
+from fedjax_fm.peft.ia3 import apply_ia3
+from fedjax_fm.peft.lora_aggregation import freeze_lora_a
+from fedjax_fm.peft.lora_aggregation import lora_aggregator
 from fedjax_fm.peft.lora import LoRALinear
 from fedjax_fm.peft.lora import apply_lora
 from fedjax_fm.peft.lora import linear_apply
 from fedjax_fm.peft.lora import linear_paths
+from fedjax_fm.peft.prompt import PrefixKV
+from fedjax_fm.peft.prompt import PrefixParam
+from fedjax_fm.peft.prompt import PromptParam
+from fedjax_fm.peft.prompt import SoftPrompt
+from fedjax_fm.peft.prompt import apply_prefix_tuning
+from fedjax_fm.peft.prompt import apply_prompt_tuning
 from fedjax_fm.peft.split import METHODS
 from fedjax_fm.peft.split import Split
 from fedjax_fm.peft.split import count_params
@@ -12,8 +28,24 @@ from fedjax_fm.peft.split import split_model
 from fedjax_fm.peft.split import tree_bytes
 
 __all__ = [
+    'AdapterLinear',
+    'AdapterParam',
+    'IA3Linear',
+    'IA3Param',
+    'apply_adapters',
+    'apply_ia3',
+    'freeze_lora_a',
+    'lora_aggregation',
+    'lora_aggregator',
+    'slora',
     'LoRALinear',
     'METHODS',
+    'PrefixKV',
+    'PrefixParam',
+    'PromptParam',
+    'SoftPrompt',
+    'apply_prefix_tuning',
+    'apply_prompt_tuning',
     'Split',
     'apply_lora',
     'count_params',

@@ -17,7 +17,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from fedjax_fm.peft.adapters import AdapterParam
+from fedjax_fm.peft.ia3 import IA3Param
 from fedjax_fm.peft.lora import path_matches
+from fedjax_fm.peft.prompt import PrefixParam
+from fedjax_fm.peft.prompt import PromptParam
 
 __all__ = [
     'METHODS',
@@ -29,6 +33,10 @@ __all__ = [
 ]
 
 METHODS = ('full', 'lora')
+# Bias-only and wrapper-param routes (see _split_peft_params below).
+METHODS = METHODS + ('adapter', 'bitfit', 'ia3')
+# Prompt tuning (PromptParam) and prefix tuning (PrefixParam), peft/prompt.py.
+METHODS = METHODS + ('prompt', 'prefix')
 
 
 class Split(NamedTuple):
@@ -69,6 +77,15 @@ def split_model(
     method: ``'full'`` (every ``nnx.Param``, LoRA factors included, is
       trainable) or ``'lora'`` (only ``nnx.LoRAParam`` plus the params matched
       by ``extra_trainable``).
+      ``'adapter'`` (:class:`~fedjax_fm.peft.adapters.AdapterParam`, from
+      ``apply_adapters``), ``'ia3'`` (:class:`~fedjax_fm.peft.ia3.IA3Param`,
+      from ``apply_ia3``) and ``'bitfit'`` (every ``nnx.Param`` named
+      ``bias``, Ben Zaken et al. 2021, https://arxiv.org/abs/2106.10199)
+      likewise train only their own params plus ``extra_trainable``, as do
+      ``'prompt'`` (:class:`~fedjax_fm.peft.prompt.PromptParam`, from
+      ``apply_prompt_tuning``) and ``'prefix'``
+      (:class:`~fedjax_fm.peft.prompt.PrefixParam`, from
+      ``apply_prefix_tuning``).
     extra_trainable: for ``'lora'``, names or regexes of extra params to
       train (e.g. ``('classifier',)``). A pattern matches a variable if it
       equals any component of its path, or ``re.fullmatch``-es its dotted path
@@ -79,8 +96,9 @@ def split_model(
     state) lands in ``frozen``.
 
   Raises:
-    ValueError: for an unknown method, if ``'lora'`` finds no ``LoRAParam``,
-      or if an ``extra_trainable`` pattern matches no param.
+    ValueError: for an unknown method, if ``'lora'`` finds no ``LoRAParam``
+      (likewise ``'adapter'``, ``'ia3'``, ``'bitfit'``: no adapter params, IA3
+      vectors, biases), or if an ``extra_trainable`` pattern matches no param.
   """
   if method not in METHODS:
     raise ValueError(f'method must be one of {METHODS}, got {method!r}')
@@ -90,6 +108,9 @@ def split_model(
 
   if method == 'full':
     graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+  elif method in _PEFT_PARAM_ROUTES:
+    graphdef, trainable, frozen = _split_peft_params(
+        model, method, extra_trainable)
   else:
     lora_state = nnx.state(model, nnx.LoRAParam)
     if not jax.tree_util.tree_leaves(lora_state):
@@ -159,3 +180,44 @@ def tree_bytes(tree: Any) -> int:
           for x in _leaves(tree)
       )
   )
+
+
+def _is_bias(path, value):
+  del value
+  return bool(path) and str(path[-1]) == 'bias'
+
+
+# method -> (filter of the method's own params, what to call if none exist).
+_PEFT_PARAM_ROUTES = {
+    'adapter': (AdapterParam, 'call fedjax_fm.peft.apply_adapters(model, ...) '
+                'first.'),
+    'ia3': (IA3Param, 'call fedjax_fm.peft.apply_ia3(model, ...) first.'),
+    'prompt': (PromptParam, 'call fedjax_fm.peft.apply_prompt_tuning(model, '
+               '...) first.'),
+    'prefix': (PrefixParam, 'call fedjax_fm.peft.apply_prefix_tuning(model, '
+               '...) first.'),
+    'bitfit': (nnx.All(nnx.Param, _is_bias),
+               'BitFit needs a model with bias terms (e.g. the BERT-style '
+               'Encoder; the Llama-style Decoder has none): use '
+               "method='lora', 'ia3' or 'adapter' instead."),
+}
+
+
+def _split_peft_params(model, method, extra_trainable):
+  """``nnx.split`` for the 'adapter', 'ia3' and 'bitfit' routes."""
+  own, hint = _PEFT_PARAM_ROUTES[method]
+  if not jax.tree_util.tree_leaves(nnx.state(model, own)):
+    what = 'bias parameters' if method == 'bitfit' else (
+        f'{own.__name__} variables')
+    raise ValueError(f'method={method!r} found no {what} in the model; {hint}')
+  for pattern in extra_trainable:
+    found = nnx.state(model, nnx.All(nnx.Param, _extra_filter([pattern])))
+    if not jax.tree_util.tree_leaves(found):
+      raise ValueError(
+          f'extra_trainable pattern {pattern!r} matched no nnx.Param'
+      )
+  # The method's own filter goes first: AdapterParam/IA3Param subclass Param.
+  trainable_filter = nnx.Any(
+      own, nnx.All(nnx.Param, _extra_filter(extra_trainable))
+  )
+  return nnx.split(model, trainable_filter, ...)
