@@ -18,7 +18,7 @@ from fedjax_fm.engine.optimizers import SERVER_OPTIMIZERS
 from fedjax_fm.engine.strategies import STRATEGIES
 
 MODEL_KINDS = ('minilm', 'encoder', 'decoder', 'mlp')
-PEFT_METHODS = ('full', 'lora')
+PEFT_METHODS = ('full', 'lora', 'slora', 'adapter', 'bitfit', 'ia3', 'prompt', 'prefix')
 DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text')
 TASKS = ('classification', 'causal_lm')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'quantity_skew', 'natural')
@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
       # ffa (A frozen, exact), product (mean of B.A re-factorised by SVD), stack
       # (FLoRA: exact mean of products merged into the base each round).
       lora_aggregation='fedit',
+      adapter_bottleneck=16,           # adapter: Houlsby bottleneck width
+      num_virtual_tokens=8,            # prompt / prefix tuning (decoder)
+      slora_stage1_rounds=5,           # slora: rounds of sparse fine-tuning first
+      slora_density=0.05,              # slora: fraction of each target kernel trained
   ))
   c.data = ml_collections.ConfigDict(dict(
       source='stdlib_docs', task='classification',
@@ -200,7 +204,17 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
 
   # peft
   _one_of(c, 'peft.method', PEFT_METHODS)
-  if c.peft.method == 'lora':
+  if c.peft.method in ('prompt', 'prefix') and c.model.kind != 'decoder':
+    raise _err('peft.method', c.peft.method, 'prompt and prefix tuning need '
+               'config.model.kind="decoder"')
+  if c.peft.method == 'bitfit' and c.model.kind == 'decoder':
+    raise _err('peft.method', 'bitfit', 'the Llama-style decoder has no biases')
+  _int_range(c, 'peft.adapter_bottleneck', 1)
+  _int_range(c, 'peft.num_virtual_tokens', 1)
+  if c.peft.method == 'slora':
+    _int_range(c, 'peft.slora_stage1_rounds', 1, c.num_rounds - 1, 'config.num_rounds - 1')
+    _float_range(c, 'peft.slora_density', 0.0, 1.0, lo_open=True)
+  if c.peft.method in ('lora', 'slora'):
     _one_of(c, 'peft.lora_aggregation', ('fedit', 'ffa', 'product', 'stack'))
     if c.peft.lora_aggregation in ('product', 'stack'):
       if c.server_optimizer.name != 'fedavg' or c.server_optimizer.learning_rate != 1.0:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from fedjax_fm import aggregate as aggregate_lib
@@ -231,6 +232,14 @@ def _require_labels(d):
 
 # -------------------------------------------------------------------- model
 
+def _task(config) -> models.Task:
+  if config.model.kind in ('minilm', 'encoder'):
+    return models.classification_task()
+  if config.model.kind == 'mlp':
+    return models.features_classification_task()
+  return models.causal_lm_task()
+
+
 def build_model(config, task_data: TaskData):
   """Returns (nnx model, Task) for the config."""
   m = config.model
@@ -263,8 +272,27 @@ def build_model(config, task_data: TaskData):
   return models.Decoder(cfg, rngs=rngs), models.causal_lm_task()
 
 
-def build_split(config, model) -> peft.Split:
+def build_split(config, model, stage: int = 0) -> peft.Split:
+  """The trainable/frozen split of the PEFT route (``stage`` 1 of SLoRA: sparse)."""
   p = config.peft
+  extra = tuple(p.extra_trainable)
+  rngs = nnx.Rngs(config.seed + 1)
+  if p.method == 'slora' and stage == 1:
+    return peft.slora.sparse_split(model, tuple(p.target_modules), extra)
+  if p.method == 'adapter':
+    peft.apply_adapters(model, bottleneck=p.adapter_bottleneck, rngs=rngs)
+    return peft.split_model(model, 'adapter', extra_trainable=extra)
+  if p.method == 'ia3':
+    peft.apply_ia3(model, rngs=rngs)
+    return peft.split_model(model, 'ia3', extra_trainable=extra)
+  if p.method == 'bitfit':
+    return peft.split_model(model, 'bitfit', extra_trainable=extra)
+  if p.method == 'prompt':
+    peft.apply_prompt_tuning(model, p.num_virtual_tokens, rngs=rngs)
+    return peft.split_model(model, 'prompt', extra_trainable=extra)
+  if p.method == 'prefix':
+    peft.apply_prefix_tuning(model, p.num_virtual_tokens, rngs=rngs)
+    return peft.split_model(model, 'prefix', extra_trainable=extra)
   if p.method == 'lora':
     peft.apply_lora(model, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
                     target_modules=tuple(p.target_modules),
@@ -324,7 +352,8 @@ def make_evaluator(split: peft.Split, task: models.Task, eval_arrays, batch_size
 # ------------------------------------------------------------------- build
 
 def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = None,
-                     mesh=None) -> Experiment:
+                     mesh=None, *, model=None, stage: int = 0,
+                     task_data: TaskData | None = None, validate: bool = True) -> Experiment:
   """Validates the config and builds data, model split, round and evaluator.
 
   With ``fl.strategy="sharded"`` the clients of a round are split over the
@@ -336,10 +365,23 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
     config_lib.validate(config, num_devices=max(jax.device_count() // f.model_axis, 1))
     mesh = sharding.make_mesh(model=f.model_axis)
   num_devices = mesh.shape['clients'] if mesh is not None else None
-  config_lib.validate(config, num_devices=num_devices)
-  task_data = build_task_data(config, workdir or '.')
-  model, task = build_model(config, task_data)
-  split = build_split(config, model)
+  if validate:
+    config_lib.validate(config, num_devices=num_devices)
+  if task_data is None:
+    task_data = build_task_data(config, workdir or '.')
+  if model is None:
+    model, task = build_model(config, task_data)
+    split = build_split(config, model, stage=stage if config.peft.method == 'slora' else 0)
+    if config.peft.method == 'slora' and stage == 0:
+      stage = 1
+  else:   # SLoRA stage 2: the model already carries its LoRA
+    task = _task(config)
+    split = peft.split_model(model, 'lora', extra_trainable=tuple(config.peft.extra_trainable))
+  sparse_masks = None
+  if config.peft.method == 'slora' and stage == 1:
+    sparse_masks = peft.slora.sparse_masks(split.trainable, config.peft.slora_density,
+                                           config.seed, keep_dense=tuple(
+                                               config.peft.extra_trainable))
   co, so = config.client_optimizer, config.server_optimizer
   loss_fn = models.make_loss_fn(split.graphdef, task)
   population = task_data.train.num_clients
@@ -356,7 +398,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
       adaptive = privacy_lib.quantile_adaptive_clip(p.target_quantile,
                                                     learning_rate=p.clip_learning_rate)
   aggregator = _aggregator(config)
-  lora = config.peft.method == 'lora'
+  lora = config.peft.method == 'lora' or (config.peft.method == 'slora' and stage != 1)
   if lora and config.peft.lora_aggregation != 'fedit':
     aggregator = peft.lora_aggregation.lora_aggregator(config.peft.lora_aggregation)
   attack = None
@@ -369,12 +411,15 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   uplink, downlink = build_compressors(config)
   p_cfg = config.prune
 
+  client_tx = engine.client_optimizer(co.name, co.learning_rate, momentum=co.momentum,
+                                      weight_decay=co.weight_decay)
+  if sparse_masks is not None:   # SLoRA stage 1: sparse fine-tuning
+    client_tx = optax.chain(client_tx, peft.slora.mask_updates(sparse_masks))
+
   def make_round(chunk_size):
     return engine.build_round(
         loss_fn, split.trainable,
-        client_optimizer=engine.client_optimizer(co.name, co.learning_rate,
-                                                 momentum=co.momentum,
-                                                 weight_decay=co.weight_decay),
+        client_optimizer=client_tx,
         server_optimizer=engine.server_optimizer(so.name, so.learning_rate,
                                                  momentum=so.momentum, b1=so.b1, b2=so.b2,
                                                  eps=so.eps),
@@ -496,9 +541,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The summary: held-out metrics before and after, totals and timings.
   """
   os.makedirs(workdir, exist_ok=True)
+  if config.peft.method == 'slora':
+    return _run_slora(config, workdir)
+  summary, _, _ = train_experiment(build_experiment(config, workdir), workdir)
+  return summary
+
+
+def _run_slora(config, workdir: str) -> dict:
+  """SLoRA: sparse fine-tuning first, then LoRA initialised from its update."""
+  p = config.peft
+  config_lib.validate(config)
+  c1 = ml_collections.ConfigDict(config.to_dict())
+  c1.num_rounds = p.slora_stage1_rounds
+  exp1 = build_experiment(c1, workdir, validate=False)
+  _log(f'SLoRA stage 1: sparse fine-tuning ({p.slora_density:.0%} of each target kernel) for '
+       f'{c1.num_rounds} rounds')
+  s1, state1, _ = train_experiment(exp1, os.path.join(workdir, 'stage1'))
+  deltas = tree_util.tree_sub(jax.device_get(state1.params), exp1.split.trainable)
+  model = peft.merge(exp1.split.graphdef, exp1.split.trainable, exp1.split.frozen)
+  peft.slora.slora_stage2(model, deltas, p.rank, p.alpha,
+                          target_modules=tuple(p.target_modules), dropout=p.dropout,
+                          rngs=nnx.Rngs(config.seed + 2))
+  c2 = ml_collections.ConfigDict(config.to_dict())
+  c2.num_rounds = config.num_rounds - p.slora_stage1_rounds
+  exp2 = build_experiment(c2, workdir, model=model, stage=2, task_data=exp1.data,
+                          validate=False)
+  _log(f'SLoRA stage 2: LoRA rank {p.rank} from the SVD of the stage-1 update, '
+       f'{c2.num_rounds} rounds')
+  s2, _, _ = train_experiment(exp2, os.path.join(workdir, 'stage2'))
+  summary = dict(s2, before=s1['before'], stage1_after=s1['after'],
+                 rounds=config.num_rounds,
+                 uplink_bytes_total=s1['uplink_bytes_total'] + s2['uplink_bytes_total'],
+                 downlink_bytes_total=s1['downlink_bytes_total'] + s2['downlink_bytes_total'])
+  if sharding.is_main_process():
+    with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
+      json.dump(summary, fh, indent=2)
+  return summary
+
+
+def train_experiment(exp: Experiment, workdir: str):
+  """The training loop of a built experiment; returns (summary, state, frozen)."""
+  os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   main_process = sharding.is_main_process()   # logs, metrics and summary: process 0 only
-  exp = build_experiment(config, workdir)
   cfg, split, fed = exp.config, exp.split, exp.fed_round
   train = exp.data.train
   n_trainable = tree_util.tree_size(split.trainable)
@@ -642,7 +727,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _log(f'held-out after {cfg.num_rounds} rounds: ' + _fmt_metrics(last_eval) +
        f' (before: {_fmt_metrics(before)}); uplink total {_fmt_bytes(total_up)}; '
        f'{summary["total_time_s"]:.0f}s')
-  return summary
+  return summary, state, frozen
 
 
 def _make_prune_step(cfg):
