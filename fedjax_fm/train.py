@@ -267,7 +267,9 @@ def build_model(config, task_data: TaskData):
     return models.Encoder(cfg, rngs=rngs), models.classification_task()
   cfg = models.DecoderConfig(
       vocab_size=vocab, dim=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-      num_kv_heads=m.num_kv_heads, mlp_dim=m.mlp_dim, max_len=config.data.max_len,
+      num_kv_heads=m.num_kv_heads, mlp_dim=m.mlp_dim,
+      max_len=config.data.max_len + (config.peft.num_virtual_tokens
+                                     if config.peft.method == 'prompt' else 0),
       dtype=dtype)
   return models.Decoder(cfg, rngs=rngs), models.causal_lm_task()
 

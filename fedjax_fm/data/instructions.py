@@ -277,7 +277,8 @@ class PromptTemplate:
           'without_input must use exactly the field {instruction}, got '
           f'{sorted(got)}')
 
-  def format(self, instruction: str, input: str = '') -> str:  # pylint: disable=redefined-builtin
+  # pylint: disable-next=redefined-builtin
+  def format(self, instruction: str, input: str = '') -> str:
     """Renders the prompt (everything before the response)."""
     if input.strip():
       return self.with_input.format(instruction=instruction, input=input)

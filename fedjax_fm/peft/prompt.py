@@ -91,8 +91,8 @@ class PrefixKV(nnx.Module):
   ``key``/``value`` of shape ``[P, kv_heads, head_dim]``. With
   ``reparam_hidden=h`` the prefix is computed as::
 
-    e = embedding                                   # [P, 2 * kv_heads * head_dim]
-    prefix = e + tanh(e @ w1 + b1) @ w2 + b2        # w2, b2 start at zero
+    e = embedding                             # [P, 2 * kv_heads * head_dim]
+    prefix = e + tanh(e @ w1 + b1) @ w2 + b2  # w2, b2 start at zero
 
   (a residual variant of the Li & Liang MLP reparameterisation, so that the
   initial prefix equals the given initial key/value), then split into key
