@@ -19,7 +19,7 @@ from fedjax_fm.engine.strategies import STRATEGIES
 
 MODEL_KINDS = ('minilm', 'encoder', 'decoder', 'mlp')
 PEFT_METHODS = ('full', 'lora', 'slora', 'adapter', 'bitfit', 'ia3', 'prompt', 'prefix')
-DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text')
+DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text', 'instructions')
 TASKS = ('classification', 'causal_lm')
 PARTITIONS = ('iid', 'dirichlet', 'shards', 'quantity_skew', 'natural')
 TOKENIZERS = ('minilm', 'sentencepiece', 'hf')
@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_clients=100, partition='dirichlet', alpha=0.5, labels_per_client=2,
       sigma=1.0, min_client_size=1,
       eval_fraction=0.2,
+      # instructions (Alpaca / Dolly JSONL; empty path: the bundled sample)
+      instruction_template='alpaca', generate_max_tokens=16, generate_examples=32,
       # synthetic classification
       num_examples=4000, num_features=16, num_classes=4,
   ))
@@ -244,9 +246,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, 'data.tokenizer', TOKENIZERS)
   if d.source == 'tfds' and not d.name:
     raise _err('data.name', d.name, 'a TFDS dataset name is required when data.source="tfds"')
+  if d.source == 'instructions':
+    if d.task != 'causal_lm':
+      raise _err('data.task', d.task, 'instruction tuning trains data.task="causal_lm"')
+    _one_of(c, 'data.instruction_template', ('alpaca', 'short'))
+    _int_range(c, 'data.generate_max_tokens', 1)
+    _int_range(c, 'data.generate_examples', 0)
   if d.source in ('jsonl', 'csv', 'text') and not d.path:
     raise _err('data.path', d.path, f'a file path is required when data.source={d.source!r}')
-  if d.partition == 'natural' and not d.client_key and d.source != 'stdlib_docs':
+  if d.partition == 'natural' and not d.client_key and d.source not in ('stdlib_docs',
+                                                                          'instructions'):
     raise _err('data.client_key', d.client_key,
                'a field name is required when data.partition="natural"')
   if d.task == 'causal_lm' and c.model.kind != 'decoder':

@@ -50,6 +50,7 @@ class TaskData:
   label_names: tuple[str, ...] = ()
   tokenizer: Any = None
   description: str = ''
+  instructions: dict | None = None   # held-out instructions and references, if any
 
 
 @dataclasses.dataclass
@@ -143,9 +144,26 @@ def _load_raw(config) -> tuple[dict[str, np.ndarray], tuple[str, ...], str]:
   return arrays, names, desc
 
 
+def _instruction_data(config, workdir):
+  """Instruction tuning: prompts + responses, loss on the response tokens only."""
+  d = config.data
+  path = d.path or str(data_lib.instructions.sample_path())
+  ex = data_lib.load_instructions(path, max_examples=d.max_examples or None)
+  texts = data_lib.instructions.format_prompts(ex, d.instruction_template)
+  tokenizer = _tokenizer(config, [t + ' ' + o for t, o in zip(texts, ex['output'])], workdir)
+  enc = data_lib.tokenize_instructions(ex, tokenizer, d.max_len,
+                                       template=d.instruction_template)
+  arrays = {'input_ids': enc['input_ids'], 'attention_mask': enc['attention_mask'],
+            'loss_mask': enc['loss_mask'], 'category': np.asarray(ex['category']).astype(str),
+            'row': np.arange(len(texts))}
+  return arrays, ex, tokenizer, f'instructions {path} ({len(texts)} examples)'
+
+
 def build_task_data(config, workdir: str = '.') -> TaskData:
   """Loads, featurizes, splits off the held-out set and partitions the clients."""
   d = config.data
+  if d.source == 'instructions':
+    return _build_instruction_task_data(config, workdir)
   arrays, names, desc = _load_raw(config)
   if not arrays or len(next(iter(arrays.values()))) == 0:
     raise ValueError(f'the data set is empty: {desc}')
@@ -224,6 +242,36 @@ def build_task_data(config, workdir: str = '.') -> TaskData:
                   tokenizer=tokenizer, description=desc)
 
 
+def _build_instruction_task_data(config, workdir) -> TaskData:
+  d = config.data
+  arrays, examples, tokenizer, desc = _instruction_data(config, workdir)
+  n = len(arrays['row'])
+  rng = np.random.default_rng(config.seed)
+  perm = rng.permutation(n)
+  n_eval = max(1, int(round(n * d.eval_fraction)))
+  eval_idx, train_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+  feats = ('input_ids', 'attention_mask', 'loss_mask')
+  train_arrays = {k: arrays[k][train_idx] for k in feats}
+  eval_arrays = {k: arrays[k][eval_idx] for k in feats}
+  cats = arrays['category'][train_idx]
+  if d.partition == 'natural':
+    parts, _ = partition_lib.natural(cats)
+  elif d.partition == 'dirichlet':
+    _, cat_ids = np.unique(cats, return_inverse=True)
+    parts = partition_lib.dirichlet(cat_ids, d.num_clients, d.alpha, seed=config.seed,
+                                    min_size=d.min_client_size)
+  else:
+    parts = partition_lib.iid(len(train_idx), d.num_clients, seed=config.seed)
+  if len(parts) < config.fl.clients_per_round:
+    raise config_lib.ConfigError(
+        f'config.fl.clients_per_round={config.fl.clients_per_round} is invalid: the '
+        f'{d.partition} partition has only {len(parts)} clients')
+  held_out = {k: np.asarray(examples[k])[eval_idx] for k in ('instruction', 'input', 'output')}
+  return TaskData(train=data_lib.FederatedDataset.from_partition(train_arrays, parts),
+                  eval=eval_arrays, tokenizer=tokenizer, description=desc,
+                  instructions=held_out)
+
+
 def _require_labels(d):
   raise config_lib.ConfigError(
       f'config.data.partition={d.partition!r} needs labels; use "iid", "quantity_skew" or '
@@ -233,6 +281,8 @@ def _require_labels(d):
 # -------------------------------------------------------------------- model
 
 def _task(config) -> models.Task:
+  if config.data.source == 'instructions':
+    return models.causal_lm_task(loss_mask_key='loss_mask')
   if config.model.kind in ('minilm', 'encoder'):
     return models.classification_task()
   if config.model.kind == 'mlp':
@@ -271,7 +321,7 @@ def build_model(config, task_data: TaskData):
       max_len=config.data.max_len + (config.peft.num_virtual_tokens
                                      if config.peft.method == 'prompt' else 0),
       dtype=dtype)
-  return models.Decoder(cfg, rngs=rngs), models.causal_lm_task()
+  return models.Decoder(cfg, rngs=rngs), _task(config)
 
 
 def build_split(config, model, stage: int = 0) -> peft.Split:
@@ -504,6 +554,30 @@ def build_compressors(config):
   return up, one(x.downlink, x.downlink_fraction, x.downlink_bits)
 
 
+def evaluate_generation(exp: Experiment, trainable, frozen=None) -> dict:
+  """Greedy responses to held-out instructions, scored by ROUGE-L, EM and token F1."""
+  from fedjax_fm import evaluation  # pylint: disable=g-import-not-at-top
+  d = exp.config.data
+  held = {k: v[:d.generate_examples] for k, v in exp.data.instructions.items()}
+  tok = exp.data.tokenizer
+  room = d.max_len - d.generate_max_tokens
+  if room < 2:
+    raise config_lib.ConfigError(
+        f'config.data.generate_max_tokens={d.generate_max_tokens} leaves no room for the '
+        f'prompt within config.data.max_len={d.max_len}')
+  enc = data_lib.instructions.tokenize_prompts(held, tok, room,
+                                               template=d.instruction_template)
+  frozen = exp.split.frozen if frozen is None else frozen
+  eos = getattr(getattr(tok, 'processor', None), 'eos_id', lambda: None)()
+  out = models.generate((exp.split.graphdef, trainable, frozen), enc['input_ids'],
+                        d.generate_max_tokens, prompt_mask=enc['attention_mask'],
+                        eos_id=eos if eos is not None and eos >= 0 else None)
+  ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
+  preds = [tok.decode([int(t) for t in row[:n]]) for row, n in zip(ids, lengths)]
+  m = evaluation.generative_metrics(preds, [str(r) for r in held['output']])
+  return {k: float(v) for k, v in m.items() if k != 'num_examples'}
+
+
 def _aggregator(config):
   a = config.aggregator
   if a.name == 'mean':
@@ -712,6 +786,10 @@ def train_experiment(exp: Experiment, workdir: str):
   if writer is not None:
     writer.close()
 
+  generation = None
+  if exp.data.instructions is not None and cfg.data.generate_examples:
+    generation = evaluate_generation(exp, state.params, frozen)
+    _log('generation on held-out instructions: ' + _fmt_metrics(generation))
   summary = {
       'before': before, 'after': last_eval, 'rounds': cfg.num_rounds,
       'trainable_params': n_trainable, 'frozen_params': n_frozen,
@@ -719,6 +797,8 @@ def train_experiment(exp: Experiment, workdir: str):
       'compile_time_s': compile_s, 'total_time_s': time.time() - t_start,
       'data': exp.data.description, 'final_round': int(state.round),
   }
+  if generation is not None:
+    summary['generation'] = generation
   if exp.accountant is not None:
     summary['epsilon'] = exp.accountant.epsilon
     summary['delta'] = cfg.privacy.delta

@@ -28,9 +28,18 @@ def main():
   p.add_argument('--out', default='/tmp/fedjax_fm_comm')
   p.add_argument('--points', nargs='+', default=list(comm_grid.POINTS))
   p.add_argument('--tiny', action='store_true')
+  p.add_argument('--table_only', action='store_true',
+                 help='only rebuild the table from the summaries already under --out')
   args = p.parse_args()
   rows = {}
-  for point in args.points:
+  if args.table_only:
+    for point in comm_grid.POINTS:
+      path = os.path.join(args.out, point, 'summary.json')
+      if os.path.exists(path):
+        with open(path) as f:
+          s = json.load(f)
+        rows[point] = (s['uplink_bytes_total'], s['after']['accuracy'])
+  for point in ([] if args.table_only else args.points):
     c = comm_grid.get_config(point + (',tiny' if args.tiny else ''))
     c.progress = False
     with contextlib.redirect_stdout(io.StringIO()):
