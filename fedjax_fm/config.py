@@ -95,7 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
       name='adam', learning_rate=1e-3, momentum=0.9, weight_decay=0.0))
   c.server_optimizer = ml_collections.ConfigDict(dict(
       name='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99, eps=1e-3))
-  c.eval = ml_collections.ConfigDict(dict(every=10, batch_size=64, max_examples=0))
+  # federated_test_fraction > 0: each client keeps that fraction of its data as a local
+  # test set; the final evaluation reports the distribution over clients (mean, 10th
+  # percentile, worst). personalize_steps > 0: then k local fine-tuning steps per client.
+  c.eval = ml_collections.ConfigDict(dict(every=10, batch_size=64, max_examples=0,
+                                          federated_test_fraction=0.0, personalize_steps=0))
   # Orbax checkpoints under workdir/checkpoints every N rounds (0: only at the end);
   # rerunning with the same workdir resumes from the latest.
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
@@ -320,6 +324,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _int_range(c, 'eval.every', 1)
   _int_range(c, 'eval.batch_size', 1)
   _int_range(c, 'eval.max_examples', 0)
+  _float_range(c, 'eval.federated_test_fraction', 0.0, 1.0, hi_open=True)
+  _int_range(c, 'eval.personalize_steps', 0)
+  if c.eval.personalize_steps and not c.eval.federated_test_fraction:
+    raise _err('eval.personalize_steps', c.eval.personalize_steps,
+               'personalisation is scored on local test data: set '
+               'config.eval.federated_test_fraction > 0')
   _int_range(c, 'checkpoint.every', 0)
   _int_range(c, 'checkpoint.keep', 1)
 

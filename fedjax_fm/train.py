@@ -51,6 +51,7 @@ class TaskData:
   tokenizer: Any = None
   description: str = ''
   instructions: dict | None = None   # held-out instructions and references, if any
+  client_test: Any = None            # per-client local test data (FederatedDataset)
 
 
 @dataclasses.dataclass
@@ -421,6 +422,11 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
     config_lib.validate(config, num_devices=num_devices)
   if task_data is None:
     task_data = build_task_data(config, workdir or '.')
+    if config.eval.federated_test_fraction:
+      from fedjax_fm import evaluation  # pylint: disable=g-import-not-at-top
+      train_ds, test_ds = evaluation.split_clients(
+          task_data.train, config.eval.federated_test_fraction, config.seed)
+      task_data = dataclasses.replace(task_data, train=train_ds, client_test=test_ds)
   if model is None:
     model, task = build_model(config, task_data)
     split = build_split(config, model, stage=stage if config.peft.method == 'slora' else 0)
@@ -552,6 +558,30 @@ def build_compressors(config):
   if up is not None and x.error_feedback:
     up = compress_lib.error_feedback(up)
   return up, one(x.downlink, x.downlink_fraction, x.downlink_bits)
+
+
+def evaluate_clients(exp: Experiment, trainable, frozen=None):
+  """Per-client evaluation on local test data, and the personalisation baseline."""
+  from fedjax_fm import evaluation  # pylint: disable=g-import-not-at-top
+  cfg = exp.config
+  frozen = exp.split.frozen if frozen is None else frozen
+  eval_fn = models.make_eval_fn(exp.split.graphdef, exp.task)
+  per_client = evaluation.per_client_eval(eval_fn, trainable, frozen, exp.data.client_test,
+                                          batch_size=cfg.fl.batch_size)
+  federated = {'per_client': {k: np.asarray(v).tolist() for k, v in per_client.items()},
+               'distribution': evaluation.summarize(per_client)}
+  personal = None
+  if cfg.eval.personalize_steps:
+    co = cfg.client_optimizer
+    out = evaluation.personalize(
+        models.make_loss_fn(exp.split.graphdef, exp.task), eval_fn, trainable, frozen,
+        exp.data.train, exp.data.client_test, steps=cfg.eval.personalize_steps,
+        batch_size=cfg.fl.batch_size,
+        optimizer=engine.client_optimizer(co.name, co.learning_rate, momentum=co.momentum),
+        seed=cfg.seed)
+    personal = {'after_distribution': out['after_distribution'],
+                'after': {k: np.asarray(v).tolist() for k, v in out['after'].items()}}
+  return federated, personal
 
 
 def evaluate_generation(exp: Experiment, trainable, frozen=None) -> dict:
@@ -786,6 +816,23 @@ def train_experiment(exp: Experiment, workdir: str):
   if writer is not None:
     writer.close()
 
+  federated = personal = None
+  if exp.data.client_test is not None:
+    federated, personal = evaluate_clients(exp, state.params, frozen)
+    if main_process:
+      with open(os.path.join(workdir, 'client_eval.json'), 'w') as fh:
+        json.dump({'federated': federated, 'personalization': personal}, fh)
+    for name, dist in federated['distribution'].items():
+      if name not in ('accuracy', 'loss', 'perplexity'):
+        continue
+      _log(f'per-client {name}: ' + _fmt_metrics({k: v for k, v in dist.items()
+                                                  if k in ('mean', 'p10', 'worst')}))
+    if personal is not None:
+      for name, dist in personal['after_distribution'].items():
+        if name not in ('accuracy', 'loss', 'perplexity'):
+          continue
+        _log(f'personalised ({cfg.eval.personalize_steps} steps) per-client {name}: ' +
+             _fmt_metrics({k: v for k, v in dist.items() if k in ('mean', 'p10', 'worst')}))
   generation = None
   if exp.data.instructions is not None and cfg.data.generate_examples:
     generation = evaluate_generation(exp, state.params, frozen)
@@ -799,6 +846,10 @@ def train_experiment(exp: Experiment, workdir: str):
   }
   if generation is not None:
     summary['generation'] = generation
+  if federated is not None:
+    summary['client_distribution'] = federated['distribution']
+  if personal is not None:
+    summary['personalized_distribution'] = personal['after_distribution']
   if exp.accountant is not None:
     summary['epsilon'] = exp.accountant.epsilon
     summary['delta'] = cfg.privacy.delta
