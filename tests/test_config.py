@@ -16,7 +16,7 @@ def _set(c, dotted, value):
 BAD_CASES = [
     # (field, value, expected text in message)
     ('model.kind', 'gpt5', "allowed values are ('minilm'"),
-    ('peft.method', 'qlora', "allowed values are ('full', 'lora')"),
+    ('peft.method', 'qlora', "allowed values are ('full', 'lora', 'slora'"),
     ('peft.rank', 0, 'config.peft.rank=0 is invalid: must be >= 1'),
     ('peft.alpha', -1.0, 'config.peft.alpha=-1.0 is invalid: must be > 0'),
     ('peft.dropout', 1.0, 'config.peft.dropout=1.0 is invalid: must be < 1'),

@@ -41,7 +41,11 @@ def test_every_config_documents_its_command():
       text = f.read()
     assert f'python -m experiments.main --config=experiments/configs/{name}.py' in text
     config_lib.validate(load_config(name, ''), num_devices=1)
-    config_lib.validate(load_config(name, 'tiny'), num_devices=1)
+    # Grid configs (a named cell, then ",tiny") are checked cell by cell in their tests.
+    tiny = 'tiny' if 'POINTS' not in text and 'ROUTES' not in text and 'COMPUTATION' \
+        not in text else None
+    if tiny:
+      config_lib.validate(load_config(name, tiny), num_devices=1)
     with pytest.raises(ValueError, match='unknown'):
       load_config(name, 'huge')
 

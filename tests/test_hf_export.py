@@ -343,3 +343,44 @@ def test_transformers_and_peft_load_our_bert_exports(hf_libs, tmp_path):
         torch.tensor(IDS), attention_mask=torch.tensor(mask)
     ).last_hidden_state.numpy()[keep]
   np.testing.assert_allclose(ours, hidden, atol=TOL, rtol=0)
+
+
+def test_adapter_from_a_federated_run_loads_in_peft(hf_libs, tmp_path):
+  """Federated LoRA rounds on a HF Llama, exported, loaded by HF peft: same logits."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from fedjax_fm import engine  # pylint: disable=g-import-not-at-top
+  from fedjax_fm import models  # pylint: disable=g-import-not-at-top
+  _, transformers, hf_peft = hf_libs
+  base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=32)).eval()
+  perturb(hf_libs, base)
+  base.save_pretrained(tmp_path / 'base')
+  model, _ = hf.from_pretrained(tmp_path / 'base')
+  peft.apply_lora(model, rank=4, alpha=8.0, target_modules=('q_proj', 'v_proj'),
+                  rngs=nnx.Rngs(1))
+  split = peft.split_model(model, 'lora')
+  fed = engine.build_round(models.make_loss_fn(split.graphdef, models.causal_lm_task()),
+                           split.trainable, client_optimizer=optax.adam(3e-2),
+                           server_optimizer=optax.sgd(1.0), num_clients=4,
+                           strategy='chunked', chunk_size=2)
+  rng = np.random.RandomState(0)
+  ids = rng.randint(0, 64, (4, 2, 3, 12)).astype(np.int32)
+  data = {'batch': {'input_ids': ids, 'attention_mask': np.ones_like(ids)},
+          'example_mask': np.ones((4, 2, 3), bool), 'step_mask': np.ones((4, 2), bool),
+          'weight': np.full(4, 6.0, np.float32), 'client_id': np.arange(4, dtype=np.int32)}
+  state = fed.init(split.trainable, jax.random.key(0))
+  for _ in range(3):
+    state, _ = fed.apply(state, split.frozen, data)
+  trained = peft.merge(split.graphdef, state.params, split.frozen)
+  hf_export.export_lora_adapter(trained, tmp_path / 'adapter',
+                                base_model_name_or_path=str(tmp_path / 'base'),
+                                hf_family='llama')
+  peft_model = hf_peft.PeftModel.from_pretrained(
+      transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'base'),
+      tmp_path / 'adapter').eval()
+  ours = call(trained, IDS, MASK)
+  np.testing.assert_allclose(real(ours), real(torch_logits(hf_libs, peft_model)),
+                             atol=TOL, rtol=0)
+  assert np.abs(real(ours) - real(torch_logits(hf_libs, base))).max() > 1e-3

@@ -25,13 +25,13 @@ def test_every_cell_is_valid():
 @pytest.mark.slow
 def test_run_matrix_writes_the_table(tmp_path):
   proc = subprocess.run(
-      [sys.executable, 'scripts/run_matrix.py', f'--out={tmp_path}', '--comp', 'bitfit',
-       'prefix', '--comm', 'none', 'q4', '--rounds', '1'],
+      [sys.executable, 'scripts/run_matrix.py', f'--out={tmp_path}', '--comp', 'prefix',
+       '--comm', 'none', 'q4', '--rounds', '1'],
       cwd=ROOT, capture_output=True, text=True, timeout=900,
       env={**os.environ, 'XLA_FLAGS': ''})
   assert proc.returncode == 0, proc.stderr[-3000:]
   cells = json.loads(proc.stdout.strip().splitlines()[-1])['cells']
-  assert set(cells) == {'bitfit,none', 'bitfit,q4', 'prefix,none', 'prefix,q4'}
-  assert cells['bitfit,q4']['uplink_bytes'] * 4 < cells['bitfit,none']['uplink_bytes']
+  assert set(cells) == {'prefix,none', 'prefix,q4'}
+  assert cells['prefix,q4']['uplink_bytes'] * 4 < cells['prefix,none']['uplink_bytes']
   table = (tmp_path / 'matrix.md').read_text()
-  assert '| bitfit |' in table and '| prefix |' in table
+  assert '| prefix |' in table and 'ppl' in table

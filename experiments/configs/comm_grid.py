@@ -12,6 +12,7 @@ point, optionally followed by ``,tiny``:
   powersgd4    PowerSGD rank 4, error feedback
   prune90      magnitude pruning of the trainable params to 90% (polynomial schedule
                over the first half), the surviving values sent as top-k 10%
+  ffa          FFA-LoRA uncompressed (A frozen at its shared init: only B is sent)
   ffa_q1       FFA-LoRA (only B is sent) with stochastic 1-bit quantization (blocks of 256)
   ffa_sign_ef  FFA-LoRA with sign compression (1 bit + a scale) and error feedback
 
@@ -22,8 +23,8 @@ point, optionally followed by ``,tiny``:
 
 from experiments.configs import default
 
-POINTS = ('none', 'topk1_ef', 'topk2_q4_ef', 'q4', 'q2', 'powersgd4', 'prune90', 'ffa_q1',
-          'ffa_sign_ef')
+POINTS = ('none', 'topk1_ef', 'topk2_q4_ef', 'q4', 'q2', 'powersgd4', 'prune90', 'ffa',
+          'ffa_q1', 'ffa_sign_ef')
 
 
 def get_config(arg: str = 'none'):
@@ -45,6 +46,8 @@ def get_config(arg: str = 'none'):
     x.uplink, x.bits, x.block_size = 'stochastic_uniform', int(point[1]), 256
   elif point == 'powersgd4':
     x.uplink, x.rank, x.error_feedback = 'powersgd', 4, True
+  elif point == 'ffa':
+    c.peft.lora_aggregation = 'ffa'
   elif point == 'ffa_q1':
     c.peft.lora_aggregation = 'ffa'
     x.uplink, x.bits, x.block_size = 'stochastic_uniform', 1, 256
