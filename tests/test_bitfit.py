@@ -13,45 +13,11 @@ from fedjax_fm.models import tasks
 from fedjax_fm.models.decoder import Decoder, DecoderConfig
 from fedjax_fm.models.encoder import Encoder, EncoderConfig
 
-# Same shapes as tests/test_adapters.py (reuses compiled eager ops).
-ENC = EncoderConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
-                    intermediate_size=64, max_position=16, num_labels=4)
-DEC = DecoderConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4,
-                    num_kv_heads=2, mlp_dim=64, max_len=16)
-
-
-def _pretrained_like(model, factor=10.0):
-  """Scales the N(0, 0.02) matrices up, as trained weights would be."""
-  state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda x: x * factor if x.ndim >= 2 else x, state))
-  return model
-
-
-def _flat(tree):
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'.'.join(str(getattr(k, 'key', k)) for k in p): np.asarray(v)
-          for p, v in flat}
-
-
-def _train(split, task, batch, steps=30, lr=0.05):
-  loss_fn = tasks.make_loss_fn(split.graphdef, task)
-  opt = optax.adam(lr)
-
-  @jax.jit
-  def run(trainable, frozen):
-    def step(carry, _):
-      t, s = carry
-      loss, g = jax.value_and_grad(
-          lambda t: loss_fn(t, frozen, batch, None).mean())(t)
-      u, s = opt.update(g, s, t)
-      return (optax.apply_updates(t, u), s), loss
-
-    (t, _), losses = jax.lax.scan(
-        step, (trainable, opt.init(trainable)), None, length=steps)
-    return t, losses
-
-  return run(split.trainable, split.frozen)
+from tests.peft_testlib import DEC
+from tests.peft_testlib import ENC
+from tests.peft_testlib import flat as _flat
+from tests.peft_testlib import pretrained_like as _pretrained_like
+from tests.peft_testlib import train as _train
 
 
 def test_bitfit_split_contents_and_counts():
