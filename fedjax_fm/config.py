@@ -120,7 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.compress = ml_collections.ConfigDict(dict(
       uplink='identity', fraction=0.01, bits=4, block_size=0, rank=4,
       error_feedback=False, then='none', then_bits=4,
-      downlink='identity', downlink_fraction=0.1, downlink_bits=8))
+      downlink='identity', downlink_fraction=0.1, downlink_bits=8,
+      # Leaves with fewer elements (biases, norms) are sent raw in their own dtype.
+      min_size=256))
   # Federated magnitude pruning of the trainable params on a polynomial schedule;
   # regrow_fraction > 0 also prunes and regrows every `every` rounds after `end_round`.
   c.prune = ml_collections.ConfigDict(dict(
@@ -376,6 +378,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       raise _err(f'compress.{field}', x[field], 'allowed values are (1, 2, 4, 8)')
   _int_range(c, 'compress.block_size', 0)
   _int_range(c, 'compress.rank', 1)
+  _int_range(c, 'compress.min_size', 1)
   if x.then != 'none' and x.uplink not in ('top_k', 'random_k', 'svd', 'powersgd'):
     raise _err('compress.then', x.then, 'quantizes the values of a sparse or low-rank '
                'first stage: compress.uplink in ("top_k", "random_k", "svd", "powersgd")')

@@ -544,13 +544,14 @@ def build_compressors(config):
   def one(name, fraction, bits):
     if name == 'identity':
       return None
+    kw = dict(min_size=x.min_size)
     if name in ('top_k', 'random_k'):
-      return compress_lib.get_compressor(name, fraction_or_k=fraction)
+      return compress_lib.get_compressor(name, fraction_or_k=fraction, **kw)
     if name in ('stochastic_uniform', 'qsgd', 'deterministic'):
-      return compress_lib.get_compressor(name, bits=bits, block_size=x.block_size or None)
+      return compress_lib.get_compressor(name, bits=bits, block_size=x.block_size or None, **kw)
     if name in ('svd', 'powersgd'):
-      return compress_lib.get_compressor(name, rank=x.rank)
-    return compress_lib.get_compressor(name)
+      return compress_lib.get_compressor(name, rank=x.rank, **kw)
+    return compress_lib.get_compressor(name, **kw)
 
   up = one(x.uplink, x.fraction, x.bits)
   if up is not None and x.then != 'none':

@@ -46,6 +46,11 @@ BAD_CASES = [
     ('num_rounds', 0, 'config.num_rounds=0 is invalid: must be >= 1'),
     ('eval.every', 0, 'config.eval.every=0'),
     ('model.num_heads', 5, 'must be divisible by config.model.num_heads=5'),
+    ('compress.uplink', 'zip', "config.compress.uplink='zip' is invalid: allowed values"),
+    ('compress.bits', 3, 'config.compress.bits=3 is invalid: allowed values are (1, 2, 4, 8)'),
+    ('compress.fraction', 0.0, 'config.compress.fraction=0.0 is invalid: must be > 0'),
+    ('compress.min_size', 0, 'config.compress.min_size=0 is invalid: must be >= 1'),
+    ('compress.then', 'stochastic_uniform', 'quantizes the values of a sparse or low-rank'),
 ]
 
 

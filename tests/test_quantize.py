@@ -161,6 +161,20 @@ def test_payload_layout_and_bytes(bits):
   assert compress.payload_nbytes(per_tensor, {'w': x}) == 4 * (-(-407 * bits // 32) + 1)
 
 
+@pytest.mark.parametrize('bits', [1, 2, 4, 8])
+def test_tensor_shorter_than_a_block_is_one_block_of_its_own_length(bits, x):
+  # n = 60 values, block_size 256: one block of 60 rounded up to a whole word, so
+  # the wire bytes are those of a per-tensor scale, never of a padded 256 block.
+  c = compress.stochastic_uniform(bits, block_size=256, min_size=16)
+  words = -(-60 * bits // 32)
+  assert compress.payload_nbytes(c, {'w': x}) == 4 * (words + 2)
+  payload, out = _roundtrip(c, jnp.asarray(x))
+  assert payload.words.shape == (1, words)
+  lo, step = np_grid(x, bits, symmetric=False)
+  q = np.round((out - lo) / step)          # every decoded value lies on the tensor's grid
+  np.testing.assert_allclose(out, lo + q * step, rtol=0, atol=1e-5)
+
+
 def test_dtype_preserved_and_small_leaves_raw():
   tree = {'w': jnp.ones((32, 16), jnp.bfloat16) * 0.5, 'b': jnp.arange(5.0)}
   c = compress.stochastic_uniform(4)

@@ -32,6 +32,10 @@ def get_config(arg: str = 'lora,none'):
   route = 'lora_fedit' if comp == 'lora' else comp
   c = peft_routes.get_config(route + (',' + variant if variant else ''))
   x = c.compress
+  if comp in ('prompt', 'prefix'):
+    # Every trainable tensor of these routes is small (virtual tokens x width): let
+    # the operators take them instead of sending them raw.
+    x.min_size = 16
   if comm == 'topk_ef':
     x.uplink, x.fraction, x.error_feedback = 'top_k', 0.01, True
   elif comm in ('q4', 'q2'):

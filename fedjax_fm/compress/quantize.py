@@ -2,8 +2,9 @@
 
 Each compressed leaf (a float tensor with at least ``min_size`` elements;
 smaller leaves are sent raw) is flattened to ``n`` values and cut into ``nb``
-blocks of ``B`` values (``block_size``; ``None`` = one block for the whole
-tensor, ``B = n`` rounded up to a whole word). The last block is padded (with
+blocks of ``B`` values (``block_size``; ``None``, or a tensor no longer than
+``block_size``: one block for the whole tensor, ``B = n`` rounded up to a whole
+word). The last block is padded (with
 its last value for the min/max grids, else with zeros, which leave norms and
 maxima unchanged). Every value becomes a ``bits``-bit code; the payload is a
 :class:`QuantizedPayload`:
@@ -83,10 +84,13 @@ class QuantizedPayload(Payload):
 
 
 def _block_length(n: int, bits: int, block_size) -> int:
+  # A tensor no longer than one block is one block of its own length (rounded up
+  # to a whole word), not a block padded out to ``block_size``.
+  per_word = 32 // bits
+  whole = -(-n // per_word) * per_word
   if block_size is None:
-    per_word = 32 // bits
-    return -(-n // per_word) * per_word
-  return int(block_size)
+    return whole
+  return min(int(block_size), whole)
 
 
 def _check_block_size(block_size):
