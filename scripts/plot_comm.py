@@ -21,7 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 LABELS = {
     'none': 'none (f32)', 'topk1_ef': 'top-k 1% + EF', 'topk2_q4_ef': 'top-k 2% + 4-bit + EF',
     'q4': '4-bit stochastic', 'q2': '2-bit stochastic', 'powersgd4': 'PowerSGD rank 4 + EF',
-    'prune90': '90% pruning',
+    'prune90': '90% pruning', 'q1': '1-bit stochastic', 'ffa': 'FFA-LoRA (f32)',
+    'ffa_q1': 'FFA-LoRA + 1-bit', 'ffa_sign_ef': 'FFA-LoRA + sign + EF',
+    'ffa_lr2': 'FFA-LoRA, 2x lr (f32)', 'ffa_lr2_q1': 'FFA-LoRA, 2x lr + 1-bit',
 }
 
 
@@ -51,9 +53,17 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--runs', required=True)
   p.add_argument('--out', default='comm.png')
+  p.add_argument('--points', nargs='+', default=None,
+                 help='only these runs (names of the workdirs under --runs); default: all')
   args = p.parse_args()
   data = curves(args.runs)
   before = data.pop('_before', None)
+  if args.points:
+    missing = sorted(set(args.points) - set(data))
+    if missing:
+      raise SystemExit(f'--points {missing} have no held-out evaluations under {args.runs}; '
+                       f'found: {sorted(data)}')
+    data = {k: data[k] for k in args.points}
   if not data:
     raise SystemExit(f'no runs with held-out evaluations under {args.runs}')
   fig, ax = plt.subplots(figsize=(7, 4.5))
