@@ -201,11 +201,13 @@ def build_task_data(config, workdir: str = '.') -> TaskData:
   if d.task == 'classification':
     feats['label'] = arrays['label'].astype(np.int32)
 
-  # Held-out split: a seeded random fraction of all examples.
+  # Held-out split: a seeded random fraction of all examples, kept in random order
+  # so that the leading `eval.max_examples` of it are a random sample too (sources
+  # are often sorted by label).
   rng = np.random.default_rng(config.seed)
   perm = rng.permutation(n)
   n_eval = max(1, int(round(n * d.eval_fraction)))
-  eval_idx, train_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+  eval_idx, train_idx = perm[:n_eval], np.sort(perm[n_eval:])
   eval_arrays = {k: v[eval_idx] for k, v in feats.items()}
   train_arrays = {k: v[train_idx] for k, v in feats.items()}
   n_train = len(train_idx)
@@ -250,7 +252,7 @@ def _build_instruction_task_data(config, workdir) -> TaskData:
   rng = np.random.default_rng(config.seed)
   perm = rng.permutation(n)
   n_eval = max(1, int(round(n * d.eval_fraction)))
-  eval_idx, train_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+  eval_idx, train_idx = perm[:n_eval], np.sort(perm[n_eval:])   # eval in random order
   feats = ('input_ids', 'attention_mask', 'loss_mask')
   train_arrays = {k: arrays[k][train_idx] for k in feats}
   eval_arrays = {k: arrays[k][eval_idx] for k in feats}

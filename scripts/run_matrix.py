@@ -24,6 +24,31 @@ from experiments.configs import matrix  # noqa: E402
 from fedjax_fm import train  # noqa: E402
 
 
+HEADER = ('Tiny variants (a smoke test of every combination, not tuned results): '
+          'held-out accuracy (encoder) or perplexity (decoder) / total uplink.\n\n')
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit, size in (('MiB', 2**20), ('KiB', 2**10)):
+    if n >= size:
+      return f'{n / size:.1f} {unit}'
+  return f'{int(n)} B'
+
+
+def markdown_table(cells, comps, comms) -> str:
+  """``cells[(comp, comm)] = (metric, value, uplink bytes)`` as a markdown table."""
+  lines = ['| computation \\ communication | ' + ' | '.join(comms) + ' |',
+           '|---|' + '---|' * len(comms)]
+  for comp in comps:
+    row = []
+    for comm in comms:
+      metric, value, up = cells[(comp, comm)]
+      short = 'acc' if metric == 'accuracy' else 'ppl'
+      row.append(f'{short} {value:.3f} / {_fmt_bytes(up)}')
+    lines.append(f'| {comp} | ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', default='/tmp/fedjax_fm_matrix')
@@ -44,21 +69,10 @@ def main():
       cells[(comp, comm)] = (metric, s['after'][metric], s['uplink_bytes_total'])
       print(f'{comp:>8} x {comm:<9} {metric} {s["after"][metric]:.4f}  uplink '
             f'{s["uplink_bytes_total"] / 1024:.1f} KiB', flush=True)
-  lines = ['| computation \\ communication | ' + ' | '.join(args.comm) + ' |',
-           '|---|' + '---|' * len(args.comm)]
-  for comp in args.comp:
-    row = []
-    for comm in args.comm:
-      metric, value, up = cells[(comp, comm)]
-      short = 'acc' if metric == 'accuracy' else 'ppl'
-      row.append(f'{short} {value:.3f} / {up / 1024:.0f} KiB')
-    lines.append(f'| {comp} | ' + ' | '.join(row) + ' |')
-  table = '\n'.join(lines)
+  table = markdown_table(cells, args.comp, args.comm)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'matrix.md'), 'w') as fh:
-    fh.write('Tiny variants (a smoke test of every combination, not tuned results): '
-             'held-out accuracy (encoder) or perplexity (decoder) / total uplink.\n\n'
-             + table + '\n')
+    fh.write(HEADER + table + '\n')
   print(table)
   print(json.dumps({'bench': 'matrix', 'cells': {f'{a},{b}': {'metric': m, 'value': v,
                                                               'uplink_bytes': u}

@@ -271,3 +271,16 @@ def test_lora_aggregation_modes_train_and_report_their_error(tmp_path, mode):
     assert errors == [None] * 4                    # exact by construction
   else:
     assert max(errors) > 1e-4                      # FedIT / rank-r truncation error
+
+
+def test_held_out_split_is_a_random_sample_in_random_order(tmp_path):
+  # The stdlib docstrings come sorted by package (the label): the held-out split,
+  # and any leading part of it that `eval.max_examples` keeps, must still mix labels.
+  c = load_config('default')
+  data = train.build_task_data(c, str(tmp_path))
+  labels = np.asarray(data.eval['label'])
+  assert np.any(np.diff(labels) < 0), 'held-out examples are in source (label) order'
+  head = labels[:c.eval.max_examples]
+  assert len(np.unique(head)) >= data.num_labels // 2, np.bincount(head)
+  train_n, eval_n = data.train.num_examples, len(labels)
+  assert eval_n == round(c.data.eval_fraction * (train_n + eval_n))
