@@ -633,8 +633,8 @@ def _aggregator(config):
 # --------------------------------------------------------------------- run
 
 def _fmt_bytes(n: float) -> str:
-  for unit in ('B', 'KB', 'MB', 'GB'):
-    if n < 1024 or unit == 'GB':
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
       return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
     n /= 1024
   return str(n)
