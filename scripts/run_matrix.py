@@ -28,13 +28,6 @@ HEADER = ('Tiny variants (a smoke test of every combination, not tuned results):
           'held-out accuracy (encoder) or perplexity (decoder) / total uplink.\n\n')
 
 
-def _fmt_bytes(n: float) -> str:
-  for unit, size in (('MiB', 2**20), ('KiB', 2**10)):
-    if n >= size:
-      return f'{n / size:.1f} {unit}'
-  return f'{int(n)} B'
-
-
 def markdown_table(cells, comps, comms) -> str:
   """``cells[(comp, comm)] = (metric, value, uplink bytes)`` as a markdown table."""
   lines = ['| computation \\ communication | ' + ' | '.join(comms) + ' |',
@@ -44,7 +37,7 @@ def markdown_table(cells, comps, comms) -> str:
     for comm in comms:
       metric, value, up = cells[(comp, comm)]
       short = 'acc' if metric == 'accuracy' else 'ppl'
-      row.append(f'{short} {value:.3f} / {_fmt_bytes(up)}')
+      row.append(f'{short} {value:.3f} / {train._fmt_bytes(up)}')  # pylint: disable=protected-access
     lines.append(f'| {comp} | ' + ' | '.join(row) + ' |')
   return '\n'.join(lines)
 
