@@ -1,7 +1,9 @@
 """Orbax checkpoints of the whole server state, written atomically.
 
-Saved: trainable params, server optimizer state, the per-client store, the
-PRNG key (as raw key data), the round counter, and a small JSON of host-side
+Saved: every field of the `ServerState` (trainable params, server optimizer
+state, the per-client store, the PRNG key as raw key data, the round counter,
+and the state of optional parts: adaptive clip, downlink view, pruning masks,
+the merged base update of LoRA ``stack``), and a small JSON of host-side
 extras (e.g. the privacy accountant's rounds). Orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save never
 leaves a checkpoint that restores half-written; `latest_round` only sees
@@ -21,21 +23,15 @@ from fedjax_fm.engine.round import ServerState
 
 
 def _to_saveable(state: ServerState) -> dict:
-  return {
-      'params': state.params,
-      'opt_state': state.opt_state,
-      'client_store': state.client_store,
-      'key_data': jax.random.key_data(state.key),
-      'round': state.round,
-      'aux': state.aux,
-  }
+  tree = state._asdict()
+  tree['key'] = jax.random.key_data(state.key)   # typed keys are saved as their raw data
+  return tree
 
 
 def _from_saveable(tree: dict, like: ServerState) -> ServerState:
-  key = jax.random.wrap_key_data(tree['key_data'], impl=jax.random.key_impl(like.key))
-  return ServerState(params=tree['params'], opt_state=tree['opt_state'],
-                     client_store=tree['client_store'], key=key, round=tree['round'],
-                     aux=tree['aux'])
+  tree = dict(tree)
+  tree['key'] = jax.random.wrap_key_data(tree['key'], impl=jax.random.key_impl(like.key))
+  return ServerState(**tree)
 
 
 class Checkpointer:

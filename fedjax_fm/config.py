@@ -13,24 +13,13 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from fedjax_fm.engine.optimizers import CLIENT_OPTIMIZERS
-from fedjax_fm.engine.optimizers import SERVER_OPTIMIZERS
-from fedjax_fm.engine.strategies import STRATEGIES
-
-MODEL_KINDS = ('minilm', 'encoder', 'decoder', 'mlp')
-PEFT_METHODS = ('full', 'lora', 'slora', 'adapter', 'bitfit', 'ia3', 'prompt', 'prefix')
 DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text', 'instructions')
 TASKS = ('classification', 'causal_lm')
-PARTITIONS = ('iid', 'dirichlet', 'shards', 'quantity_skew', 'natural')
 TOKENIZERS = ('minilm', 'sentencepiece', 'hf')
 SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval',
             'checkpoint', 'privacy', 'aggregator', 'attack', 'compress', 'prune')
-COMPRESSORS = ('identity', 'top_k', 'random_k', 'stochastic_uniform', 'qsgd', 'deterministic',
-               'sign', 'ternary', 'svd', 'powersgd')
-QUANTIZERS = ('stochastic_uniform', 'qsgd', 'deterministic')
-AGGREGATORS = ('mean', 'norm_bounded_mean', 'median', 'trimmed_mean', 'krum', 'multi_krum',
-               'geometric_median', 'secure_mean')
 ATTACKS = ('none', 'sign_flip', 'scale', 'noise', 'nan')
+INSTRUCTION_PARTITIONS = ('natural', 'dirichlet', 'iid')   # natural: one client per category
 
 
 class ConfigError(ValueError):
@@ -119,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   # error feedback (residuals kept per client); downlink compression of the broadcast.
   c.compress = ml_collections.ConfigDict(dict(
       uplink='identity', fraction=0.01, bits=4, block_size=0, rank=4,
+      threshold=1e-3,           # threshold: keep |x| >= threshold (capacity: fraction)
       error_feedback=False, then='none', then_bits=4,
       downlink='identity', downlink_fraction=0.1, downlink_bits=8,
       # Leaves with fewer elements (biases, norms) are sent raw in their own dtype.
@@ -176,6 +166,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     num_devices: devices on the ``clients`` mesh axis (for ``sharded``);
       default ``jax.local_device_count()``.
   """
+  # The named parts' allowed values come from the registries the builders use.
+  from fedjax_fm.train import registries as reg  # pylint: disable=g-import-not-at-top
   known = set(base_config().keys())
   for key in c.keys():
     if key not in known:
@@ -194,7 +186,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _int_range(c, 'log_every', 1)
 
   # model
-  _one_of(c, 'model.kind', MODEL_KINDS)
+  _one_of(c, 'model.kind', reg.MODELS.names)
   for f in ('hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'mlp_dim'):
     _int_range(c, f'model.{f}', 1)
   _int_range(c, 'model.vocab_size', 0)
@@ -211,7 +203,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _float_range(c, 'model.dropout', 0.0, 1.0, hi_open=True)
 
   # peft
-  _one_of(c, 'peft.method', PEFT_METHODS)
+  _one_of(c, 'peft.method', reg.PEFT_METHODS.names)
   if c.peft.method in ('prompt', 'prefix') and c.model.kind != 'decoder':
     raise _err('peft.method', c.peft.method, 'prompt and prefix tuning need '
                'config.model.kind="decoder"')
@@ -223,7 +215,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _int_range(c, 'peft.slora_stage1_rounds', 1, c.num_rounds - 1, 'config.num_rounds - 1')
     _float_range(c, 'peft.slora_density', 0.0, 1.0, lo_open=True)
   if c.peft.method in ('lora', 'slora'):
-    _one_of(c, 'peft.lora_aggregation', ('fedit', 'ffa', 'product', 'stack'))
+    _one_of(c, 'peft.lora_aggregation', reg.LORA_AGGREGATION.names)
     if c.peft.lora_aggregation in ('product', 'stack'):
       if c.server_optimizer.name != 'fedavg' or c.server_optimizer.learning_rate != 1.0:
         raise _err('peft.lora_aggregation', c.peft.lora_aggregation,
@@ -248,7 +240,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   d = c.data
   _one_of(c, 'data.source', DATA_SOURCES)
   _one_of(c, 'data.task', TASKS)
-  _one_of(c, 'data.partition', PARTITIONS)
+  _one_of(c, 'data.partition', reg.PARTITIONS.names)
+  if d.source == 'instructions':
+    _one_of(c, 'data.partition', INSTRUCTION_PARTITIONS)
   _one_of(c, 'data.tokenizer', TOKENIZERS)
   if d.source == 'tfds' and not d.name:
     raise _err('data.name', d.name, 'a TFDS dataset name is required when data.source="tfds"')
@@ -295,7 +289,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _int_range(c, 'fl.local_steps', 1)
   _int_range(c, 'fl.batch_size', 1)
   _int_range(c, 'fl.max_epochs', 1)
-  _one_of(c, 'fl.strategy', STRATEGIES)
+  _one_of(c, 'fl.strategy', reg.STRATEGIES.names)
   _float_range(c, 'fl.prox_mu', 0.0)
   _int_range(c, 'fl.model_axis', 1)
   _int_range(c, 'fl.memory_budget_mb', 0)
@@ -311,11 +305,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                  f'the sharded strategy needs at least one client per device ({num_devices})')
 
   # optimizers
-  _one_of(c, 'client_optimizer.name', CLIENT_OPTIMIZERS)
+  _one_of(c, 'client_optimizer.name', reg.CLIENT_OPTIMIZERS.names)
   _float_range(c, 'client_optimizer.learning_rate', 0.0, lo_open=True)
   _float_range(c, 'client_optimizer.momentum', 0.0, 1.0, hi_open=True)
   _float_range(c, 'client_optimizer.weight_decay', 0.0)
-  _one_of(c, 'server_optimizer.name', SERVER_OPTIMIZERS)
+  _one_of(c, 'server_optimizer.name', reg.SERVER_OPTIMIZERS.names)
   _float_range(c, 'server_optimizer.learning_rate', 0.0, lo_open=True)
   _float_range(c, 'server_optimizer.momentum', 0.0, 1.0, hi_open=True)
   _float_range(c, 'server_optimizer.b1', 0.0, 1.0, hi_open=True)
@@ -354,7 +348,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.aggregator.name != 'mean':
       raise _err('aggregator.name', c.aggregator.name,
                  'DP-FedAvg defines its own (uniform, clipped) mean: use "mean"')
-  _one_of(c, 'aggregator.name', AGGREGATORS)
+  _one_of(c, 'aggregator.name', reg.AGGREGATORS.names)
   _float_range(c, 'aggregator.max_norm', 0.0, lo_open=True)
   _float_range(c, 'aggregator.secure_clip_range', 0.0, lo_open=True)
   _float_range(c, 'aggregator.trim_fraction', 0.0, 0.5, hi_open=True)
@@ -368,9 +362,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, 'attack.kind', ATTACKS)
   _float_range(c, 'attack.fraction', 0.0, 1.0, hi_open=True)
   x = c.compress
-  _one_of(c, 'compress.uplink', COMPRESSORS)
-  _one_of(c, 'compress.downlink', COMPRESSORS)
-  _one_of(c, 'compress.then', ('none',) + QUANTIZERS)
+  _one_of(c, 'compress.uplink', reg.COMPRESSORS.names)
+  _one_of(c, 'compress.downlink', reg.COMPRESSORS.names)
+  _one_of(c, 'compress.then', ('none',) + reg.QUANTIZERS.names)
   _float_range(c, 'compress.fraction', 0.0, 1.0, lo_open=True)
   _float_range(c, 'compress.downlink_fraction', 0.0, 1.0, lo_open=True)
   for field in ('bits', 'then_bits', 'downlink_bits'):
@@ -378,6 +372,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       raise _err(f'compress.{field}', x[field], 'allowed values are (1, 2, 4, 8)')
   _int_range(c, 'compress.block_size', 0)
   _int_range(c, 'compress.rank', 1)
+  _float_range(c, 'compress.threshold', 0.0, lo_open=True)
   _int_range(c, 'compress.min_size', 1)
   if x.then != 'none' and x.uplink not in ('top_k', 'random_k', 'svd', 'powersgd'):
     raise _err('compress.then', x.then, 'quantizes the values of a sparse or low-rank '

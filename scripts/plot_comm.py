@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
-import matplotlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fedjax_fm._optional import require  # noqa: E402
+
+matplotlib = require('matplotlib', 'plot', 'scripts/plot_comm.py')
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 

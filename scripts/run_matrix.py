@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 
 from experiments.configs import matrix  # noqa: E402
 from fedjax_fm import train  # noqa: E402
+from fedjax_fm.train import logs  # noqa: E402
 
 
 HEADER = ('Tiny variants (a smoke test of every combination, not tuned results): '
@@ -37,7 +38,7 @@ def markdown_table(cells, comps, comms) -> str:
     for comm in comms:
       metric, value, up = cells[(comp, comm)]
       short = 'acc' if metric == 'accuracy' else 'ppl'
-      row.append(f'{short} {value:.3f} / {train._fmt_bytes(up)}')  # pylint: disable=protected-access
+      row.append(f'{short} {value:.3f} / {logs.fmt_bytes(up)}')
     lines.append(f'| {comp} | ' + ' | '.join(row) + ' |')
   return '\n'.join(lines)
 

@@ -25,7 +25,6 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from fedjax_fm import engine  # noqa: E402
 from fedjax_fm import models  # noqa: E402

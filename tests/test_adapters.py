@@ -5,13 +5,12 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from fedjax_fm import peft
 from fedjax_fm.models import tasks
-from fedjax_fm.models.decoder import Decoder, DecoderConfig
-from fedjax_fm.models.encoder import Encoder, EncoderConfig
+from fedjax_fm.models.decoder import Decoder
+from fedjax_fm.models.encoder import Encoder
 from fedjax_fm.peft.adapters import AdapterLinear, AdapterParam
 
 from tests.peft_testlib import DEC

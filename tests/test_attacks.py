@@ -68,7 +68,7 @@ def test_median_survives_attack_mean_does_not():
   bad = jnp.asarray(attacks.choose_attackers(10, 0.3, seed=0))
   attacked = attacks.apply_attack(u, bad, 'scale', scale=-100.0)
   w = jnp.ones(10)
-  med = aggregate.coordinate_median().aggregate(attacked, w)['w']
+  med = aggregate.coordinate_median().aggregate(attacked, w)[0]['w']
   assert np.all(np.abs(np.asarray(med) - 1.0) < 0.3)
   assert np.all(np.asarray(attacked['w']).mean(0) < -10)
 

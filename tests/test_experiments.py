@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedjax_fm import config as config_lib
-from fedjax_fm import models
+from fedjax_fm import hf
 from fedjax_fm import peft
 from fedjax_fm import train
 
@@ -91,7 +91,7 @@ def test_decoder_lora_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_minilm_lora_tiny_keeps_base_bit_identical(tmp_path):
+def test_default_minilm_lora_tiny_keeps_base_bit_identical(tmp_path, minilm_dir):
   config = load_config('default')
   exp = train.build_experiment(config, str(tmp_path))
   split, fed = exp.split, exp.fed_round
@@ -108,7 +108,7 @@ def test_default_minilm_lora_tiny_keeps_base_bit_identical(tmp_path):
   assert np.isfinite(float(metrics['train_loss']))
   # The trained model's base weights equal the checkpoint's, bit for bit.
   trained = peft.merge(split.graphdef, state.params, split.frozen)
-  ckpt = models.hf.load_safetensors(models.hf.minilm_dir())
+  ckpt = hf.load_safetensors(minilm_dir)
   np.testing.assert_array_equal(
       np.asarray(trained.layers[0].query.base.kernel[...]),
       ckpt['encoder.layer.0.attention.self.query.weight'].T)
@@ -190,13 +190,14 @@ def test_jsonl_text_classification_runs(tmp_path):
 
 
 def test_nan_features_are_rejected(tmp_path, monkeypatch):
-  real = train._load_raw
+  from fedjax_fm.train import task_data  # pylint: disable=g-import-not-at-top
+  real = task_data.load_raw
 
   def with_nan(config):
     arrays, names, desc = real(config)
     arrays['x'][3, 0] = np.nan
     return arrays, names, desc
-  monkeypatch.setattr(train, '_load_raw', with_nan)
+  monkeypatch.setattr(task_data, 'load_raw', with_nan)
   with pytest.raises(ValueError, match="feature 'x' has NaN or Inf in 1 examples"):
     train.run(load_config('mlp_synthetic'), str(tmp_path))
 

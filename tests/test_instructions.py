@@ -201,7 +201,7 @@ def test_causal_lm_loss_mask_key():
 def test_partitions_and_federated_dataset():
   ex = data.load_instructions(data.sample_path())
   cat_ids, names = data.category_ids(ex)
-  clients = data.partition_instructions(ex, 'category')
+  clients = data.partition_instructions(ex, 'natural')
   assert len(clients) == 5
   for c, idx in enumerate(clients):
     np.testing.assert_array_equal(cat_ids[idx], c)
@@ -220,9 +220,9 @@ def test_partitions_and_federated_dataset():
   with pytest.raises(ValueError, match='num_clients'):
     data.partition_instructions(ex, 'dirichlet')
   with pytest.raises(ValueError, match='one client per category'):
-    data.partition_instructions(ex, 'category', num_clients=3)
+    data.partition_instructions(ex, 'natural', num_clients=3)
   ds = data.federated_instructions(data.sample_path(), CharTokenizer(), 96,
-                                   template='short', partition='category')
+                                   template='short', partition='natural')
   assert ds.num_clients == 5 and ds.num_examples == 60
   assert set(ds.keys) == {'input_ids', 'attention_mask', 'loss_mask'}
   rb = ds.round_batch([0, 3], num_steps=2, batch_size=4, seed=0)

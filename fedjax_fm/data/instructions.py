@@ -65,7 +65,7 @@ PathLike = str | os.PathLike[str]
 
 SCHEMAS = ('alpaca', 'dolly', 'auto')
 FIELDS = ('instruction', 'input', 'output', 'category')
-PARTITIONS = ('category', 'dirichlet', 'iid')
+PARTITIONS = ('natural', 'dirichlet', 'iid')   # natural: one client per category
 NO_CATEGORY = 'none'
 
 # Source field of each normalised field, per schema: (name, required).
@@ -520,7 +520,7 @@ def category_ids(examples: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def partition_instructions(
     examples: Any,
-    method: str = 'category',
+    method: str = 'natural',
     *,
     num_clients: int | None = None,
     alpha: float = 0.5,
@@ -531,13 +531,13 @@ def partition_instructions(
 
   Args:
     examples: instruction examples (see :func:`tokenize_instructions`).
-    method: ``'category'`` (one client per category, the natural partition
+    method: ``'natural'`` (one client per category, the natural partition
       :func:`fedjax_fm.data.partition.natural`; clients in sorted category
       order), ``'dirichlet'`` (:func:`fedjax_fm.data.partition.dirichlet`
       over the category ids: smaller ``alpha`` = fewer categories per
       client) or ``'iid'``.
     num_clients: number of clients (``'dirichlet'``, ``'iid'``; must be
-      ``None`` or the number of categories for ``'category'``).
+      ``None`` or the number of categories for ``'natural'``).
     alpha: Dirichlet concentration ``> 0``.
     seed: seed of the random partitions.
     min_size: ``'dirichlet'``: minimum examples per client.
@@ -551,10 +551,10 @@ def partition_instructions(
   if method not in PARTITIONS:
     raise ValueError(f'method must be one of {PARTITIONS}, got {method!r}')
   ids, names = category_ids(examples)
-  if method == 'category':
+  if method == 'natural':
     if num_clients is not None and num_clients != names.size:
       raise ValueError(
-          f"method='category' makes one client per category ({names.size}: "
+          f"method='natural' makes one client per category ({names.size}: "
           f'{list(names)}), got num_clients={num_clients}')
     return partition_lib.natural(ids)[0]
   if num_clients is None:
@@ -570,7 +570,7 @@ def federated_instructions(
     tokenizer: Any,
     max_len: int,
     *,
-    partition: str = 'category',
+    partition: str = 'natural',
     num_clients: int | None = None,
     alpha: float = 0.5,
     seed: int = 0,

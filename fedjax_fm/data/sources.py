@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_fm import _optional
+
 PathLike = str | os.PathLike[str]
 
 
@@ -97,8 +99,10 @@ def load_tfds(
   Raises:
     ValueError: For an unknown dataset name, unknown keys or bad
       ``max_examples``.
+    ImportError: When TensorFlow Datasets is not installed (the ``tfds``
+      extra: ``pip install "fedjax_fm[tfds]"``).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _optional.require('tensorflow_datasets', 'tfds', 'data.source="tfds"')
 
   if max_examples is not None and (
       isinstance(max_examples, bool) or

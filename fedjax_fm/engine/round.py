@@ -28,22 +28,53 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_fm import tree_util
-from fedjax_fm.aggregate import attacks as attacks_lib
+from fedjax_fm.aggregate import base as aggregate_base
 from fedjax_fm.aggregate import mean as mean_lib
-from fedjax_fm.aggregate.base import StreamingAggregator
 from fedjax_fm.compress import base as compress_base
 from fedjax_fm.engine import client as client_lib
 from fedjax_fm.engine import strategies
+from fedjax_fm.engine import uplink as uplink_lib
+
+
+class DownlinkState(NamedTuple):
+  """Compressed broadcast: the model the clients hold and the compressor's state."""
+  view: Any
+  compressor_state: Any
+
+
+class PruneState(NamedTuple):
+  """Federated pruning: boolean masks, and the mean dense scores for regrowth."""
+  masks: Any
+  scores: Any = ()
 
 
 class ServerState(NamedTuple):
-  """Everything the server carries from round to round."""
+  """Everything the server carries from round to round (a checkpointed pytree).
+
+  Optional parts are ``()`` when their feature is off.
+  """
   params: Any            # trainable params (pytree)
   opt_state: Any         # server optimizer state
-  client_store: Any      # per-client persistent state, leading axis num_clients; () if none
+  client_store: Any      # per-client uplink state {step: state}, leading axis num_clients
   key: jax.Array         # base PRNG key of the run
   round: jax.Array       # int32 round counter
-  aux: Any = ()          # state of optional parts (e.g. adaptive clipping); () if none
+  clip: Any = ()         # adaptive clipping: privacy.AdaptiveClipState
+  downlink: Any = ()     # DownlinkState
+  prune: Any = ()        # PruneState
+  base_delta: Any = ()   # an aggregator's merged base update (LoRA ``stack``)
+  hparams: Any = ()      # {name: float32 scalar} read by optimizer factories
+
+
+class Pruning(NamedTuple):
+  """Federated pruning in the round.
+
+  Attributes:
+    scores: every client also reports the dense gradient of its first batch at
+      the global model (PruneFL-style; counted in the uplink bytes); its weighted
+      mean is kept in ``ServerState.prune.scores`` to choose which pruned weights
+      to regrow (`fedjax_fm.prune.prune_and_regrow`).
+  """
+  scores: bool = False
 
 
 class FederatedRound(NamedTuple):
@@ -53,6 +84,7 @@ class FederatedRound(NamedTuple):
   uplink_bytes_per_client: int     # from the compressor's payload arrays
   downlink_bytes_per_client: int   # the broadcast trainable params
   apply_fn: Callable[..., tuple[ServerState, dict]] | None = None   # ``apply``, not jitted
+  frozen_view: Callable[[ServerState, Any], Any] | None = None      # the base clients train on
 
 
 def _is_transformation(x) -> bool:
@@ -62,23 +94,21 @@ def _is_transformation(x) -> bool:
 def build_round(loss_fn: client_lib.LossFn,
                 params_like: Any,
                 *,
-                client_optimizer: optax.GradientTransformation,
-                server_optimizer: optax.GradientTransformation,
+                client_optimizer: optax.GradientTransformation | Callable,
+                server_optimizer: optax.GradientTransformation | Callable,
                 num_clients: int,
                 strategy: str = 'chunked',
                 chunk_size: int | None = None,
                 mesh=None,
                 prox_mu: float = 0.0,
-                aggregator: StreamingAggregator | Any | None = None,
+                aggregator: aggregate_base.Aggregator | None = None,
                 compressor: compress_base.Compressor | None = None,
                 downlink_compressor: compress_base.Compressor | None = None,
-                pruning: bool = False,
-                prune_scores: bool = False,
+                pruning: Pruning | None = None,
                 privacy: Any = None,
                 adaptive_clip: Any = None,
                 attack: tuple[str, float] | None = None,
                 guard_nonfinite: bool = True,
-                lora_error: bool = False,
                 donate: bool = False) -> FederatedRound:
   """Builds a federated round.
 
@@ -100,40 +130,39 @@ def build_round(loss_fn: client_lib.LossFn,
     mesh: device mesh with a ``clients`` axis for ``sharded`` (default: all
       local devices).
     prox_mu: FedProx coefficient (0 = FedAvg local objective).
-    aggregator: a streaming aggregator (default: weighted mean), or a stacked
-      one (an object with ``aggregate(updates [C, ...], weights [C])``, e.g.
-      median or Krum) which sees all updates at once (memory O(C)).
+    aggregator: an `fedjax_fm.aggregate.Aggregator` (default: the streaming
+      weighted mean). A streaming one folds clients chunk by chunk (memory
+      O(chunk)); a whole-round one (median, Krum, secure mean) sees all decoded
+      updates ``[C, ...]`` at once (memory O(C)). Its ``info`` scalars become
+      metrics; one with a ``base`` (LoRA ``stack``) moves the frozen base
+      through ``ServerState.base_delta``, inside the round.
     compressor: uplink compressor (default: identity).
     downlink_compressor: compresses the broadcast: the server keeps the model the
-      clients hold (``aux['client_view']``) and each round sends the encoded
-      difference to its own params; clients train from (and send deltas against)
-      that view. The difference not yet sent carries over (error feedback on the
-      server). Every client is assumed to hold the latest view.
-    pruning: federated pruning: boolean masks in ``aux['masks']`` (set between
-      rounds, e.g. by `fedjax_fm.prune.global_magnitude_masks`) zero the
-      gradients of pruned weights in local training and keep them exactly 0.
-    prune_scores: with pruning, every client also reports the dense gradient of
-      its first batch at the global model (PruneFL-style; counted in the uplink
-      bytes); its weighted mean is kept in ``aux['prune_scores']`` to choose
-      which pruned weights to regrow (`fedjax_fm.prune.prune_and_regrow`).
+      clients hold (``ServerState.downlink.view``) and each round sends the
+      encoded difference to its own params; clients train from (and send deltas
+      against) that view. The difference not yet sent carries over (error
+      feedback on the server). Every client is assumed to hold the latest view.
+    pruning: federated pruning (`Pruning`): boolean masks in
+      ``ServerState.prune.masks`` (set between rounds, e.g. by
+      `fedjax_fm.prune.global_magnitude_masks`) zero the gradients of pruned
+      weights in local training and keep them exactly 0.
     privacy: client-level DP: an object with ``clip(delta) -> (delta, norm)``,
       applied per client before encoding, and ``noise(key, mean, num_clients)``
       applied to the aggregate. With privacy, clients are averaged with
       uniform weights (the sensitivity of the mean is clip / clients).
     adaptive_clip: quantile-based adaptive clipping (an ``AdaptiveClip`` from
-      `fedjax_fm.privacy`); the clip norm lives in ``ServerState.aux`` and
+      `fedjax_fm.privacy`); the clip norm lives in ``ServerState.clip`` and
       follows the target quantile of the clients' update norms.
     attack: ``(kind, scale)`` to simulate malicious clients: the clients with
       ``round_data['attacker']`` set send a corrupted update (``sign_flip``,
       ``scale``, ``noise`` or ``nan``, see `fedjax_fm.aggregate.apply_attack`).
-    lora_error: report each round ``lora_aggregation_error``, the Frobenius
-      distance between the exact weighted mean of the clients' LoRA products
-      ``mean_i(A_i B_i)`` and the product of the aggregated factors (0 for
-      ``ffa``; the SVD tail for ``product``; see `fedjax_fm.peft.lora_aggregation`).
-      Collects the updates ``[C, ...]`` (memory O(C)).
     guard_nonfinite: drop (weight 0) any client whose decoded update has a NaN
       or Inf, so it never reaches the model; counted in the metrics.
     donate: donate the server state's buffers to the round.
+
+  The per-client path after local training is the uplink chain
+  (`fedjax_fm.engine.uplink`): clip (with ``privacy``) -> compress -> attack
+  (with ``attack``) -> non-finite guard (with ``guard_nonfinite``).
 
   Returns:
     A `FederatedRound`.
@@ -141,95 +170,113 @@ def build_round(loss_fn: client_lib.LossFn,
   if strategy not in strategies.STRATEGIES:
     raise ValueError(f'strategy {strategy!r} is unknown; allowed: {strategies.STRATEGIES}')
   aggregator = aggregator or mean_lib.weighted_mean()
-  stacked = hasattr(aggregator, 'aggregate')
-  collect = stacked or lora_error
-  products = getattr(aggregator, 'products', None)
+  if not isinstance(aggregator, aggregate_base.Aggregator):
+    raise TypeError(f'aggregator must be a fedjax_fm.aggregate.Aggregator, got '
+                    f'{type(aggregator).__name__}')
+  whole_round = not aggregator.is_streaming
+  scores = pruning is not None and pruning.scores
+  if scores and whole_round:
+    raise ValueError('Pruning(scores=True) needs a streaming aggregator (the scores are '
+                     'a streaming mean beside it)')
+  if adaptive_clip is not None and privacy is None:
+    raise ValueError('adaptive_clip needs privacy (the clipping it adapts)')
   compressor = compressor or compress_base.identity()
+  steps = [uplink_lib.clip(privacy)] if privacy is not None else []
+  steps.append(uplink_lib.compress(compressor))
+  if attack is not None:
+    steps.append(uplink_lib.attack(*attack))
+  if guard_nonfinite:
+    steps.append(uplink_lib.guard_nonfinite())
+  uplink = uplink_lib.chain(*steps)
+
   client_factory = None if _is_transformation(client_optimizer) else client_optimizer
   server_factory = None if _is_transformation(server_optimizer) else server_optimizer
   client_update = (None if client_factory else
                    client_lib.make_client_update(loss_fn, client_optimizer, prox_mu))
 
-  def server_tx(aux):
-    return server_factory(aux['hparams']) if server_factory else server_optimizer
-  params_shape = jax.eval_shape(lambda p: p, params_like)
-  uplink = compress_base.payload_nbytes(compressor, params_shape)
-  if prune_scores and (not pruning or stacked):
-    raise ValueError('prune_scores needs pruning=True and a streaming aggregator')
-  if prune_scores:
-    uplink += tree_util.tree_nbytes(params_shape)
-  downlink = (tree_util.tree_nbytes(params_shape) if downlink_compressor is None else
-              compress_base.payload_nbytes(downlink_compressor, params_shape))
+  def server_tx(hparams):
+    return server_factory(hparams) if server_factory else server_optimizer
 
-  if adaptive_clip is not None and privacy is None:
-    raise ValueError('adaptive_clip needs privacy (the clipping it adapts)')
+  params_shape = jax.eval_shape(lambda p: p, params_like)
+  uplink_bytes = compress_base.payload_nbytes(compressor, params_shape)
+  if scores:
+    uplink_bytes += tree_util.tree_nbytes(params_shape)
+  downlink_bytes = (tree_util.tree_nbytes(params_shape) if downlink_compressor is None else
+                    compress_base.payload_nbytes(downlink_compressor, params_shape))
+  score_mean = mean_lib.weighted_mean()
 
   def init(params, key, hparams=None) -> ServerState:
     if (client_factory or server_factory) and hparams is None:
       raise ValueError('this round takes its optimizers\' hyperparameters from the state: '
                        'init(params, key, hparams={...})')
-    client_state = compressor.init(params)
     store = jax.tree.map(
-        lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape).copy(), client_state)
-    aux = {}
-    if adaptive_clip is not None:
-      aux['clip'] = adaptive_clip.init(privacy.clip_norm)
-    if downlink_compressor is not None:
-      aux['client_view'] = jax.tree.map(jnp.zeros_like, params)
-      aux['downlink_state'] = downlink_compressor.init(params)
-    if pruning:
-      aux['masks'] = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
-    if prune_scores:
-      aux['prune_scores'] = jax.tree.map(jnp.zeros_like, params)
-    if products is not None:   # FLoRA-style stacking: dense update merged into the base
-      like = jax.eval_shape(products, jax.tree.map(lambda p: p[None], params),
-                            jnp.ones((1,), jnp.float32), params)
-      aux['base_delta'] = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like)
-    if hparams is not None:
-      aux['hparams'] = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
-    return ServerState(params=params, opt_state=server_tx(aux).init(params),
-                       client_store=store, key=key, round=jnp.zeros((), jnp.int32),
-                       aux=aux)
+        lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape).copy(), uplink.init(params))
+    hp = () if hparams is None else {k: jnp.asarray(v, jnp.float32)
+                                     for k, v in hparams.items()}
+    return ServerState(
+        params=params, opt_state=server_tx(hp).init(params), client_store=store, key=key,
+        round=jnp.zeros((), jnp.int32),
+        clip=adaptive_clip.init(privacy.clip_norm) if adaptive_clip is not None else (),
+        downlink=(DownlinkState(jax.tree.map(jnp.zeros_like, params),
+                                downlink_compressor.init(params))
+                  if downlink_compressor is not None else ()),
+        prune=(PruneState(jax.tree.map(lambda p: jnp.ones(p.shape, bool), params),
+                          jax.tree.map(jnp.zeros_like, params) if scores else ())
+               if pruning is not None else ()),
+        base_delta=aggregator.base.init(params) if aggregator.base is not None else (),
+        hparams=hp)
 
-  def per_client(params, frozen, x):
-    if pruning:
-      params, masks = params
-    else:
-      masks = None
+  def frozen_view(state: ServerState, frozen):
+    """The frozen base the clients train on (moved by a ``base`` aggregator)."""
+    if aggregator.base is None:
+      return frozen
+    return aggregator.base.apply(frozen, state.base_delta)
+
+  def per_client(broadcast, frozen, x):
+    params, masks = broadcast['params'], broadcast['masks']
     train_key, encode_key = jax.random.split(x['key'])
     update_fn = client_update or client_lib.make_client_update(
         loss_fn, client_factory(x['hparams']), prox_mu)
     delta, metrics = update_fn(params, frozen, x['data'], train_key, masks)
     metrics['update_norm'] = tree_util.tree_norm(delta)
-    if privacy is not None:
-      delta, norm = privacy.clip(delta, clip_norm=x['clip_norm'])
-      metrics['unclipped'] = norm <= x['clip_norm']
-    payload, client_state = compressor.encode(encode_key, delta, x['client_state'])
-    update = compressor.decode(payload)
-    if attack is not None:
-      kind, scale = attack
-      bad = attacks_lib.apply_attack(jax.tree.map(lambda u: u[None], update),
-                                     x['attacker'][None], kind, scale=scale,
-                                     key=jax.random.fold_in(encode_key, 1))
-      update = jax.tree.map(lambda u: u[0], bad)
-    weight = x['weight']
-    finite = jnp.asarray(True)
-    if guard_nonfinite:
-      finite = tree_util.tree_all_finite(update)
-      update = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), update)
-      weight = jnp.where(finite, weight, 0.0)
-    metrics['finite'] = finite
-    if prune_scores:   # dense gradient at the global model on the first batch
+    update, weight, client_state, step_metrics = uplink.apply(
+        encode_key, delta, x['weight'], x['client_state'], x['inputs'])
+    metrics.update(step_metrics)
+    metrics.setdefault('finite', jnp.asarray(True))
+    contrib = {}
+    outputs = {'client_state': client_state, 'metrics': metrics}
+    if whole_round:   # the aggregator sees all updates after the strategy
+      outputs['updates'] = (update, weight)
+    else:
+      contrib['update'] = (update, weight)
+    if scores:   # dense gradient at the global model on the first batch
       first = jax.tree.map(lambda a: a[0], x['data'])
-      scores = jax.grad(client_lib.masked_mean_loss, argnums=1)(
+      grads = jax.grad(client_lib.masked_mean_loss, argnums=1)(
           loss_fn, params, frozen, first['batch'], first['example_mask'], train_key)
-      ok = finite & tree_util.tree_all_finite(scores)
-      scores = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), scores)
-      update = (update, scores)
-    outputs = (client_state, metrics, (update, weight) if collect else ())
-    if stacked:   # the stacked aggregator sees all updates after the strategy
-      return jax.tree.map(jnp.zeros_like, update), jnp.zeros_like(weight), outputs
-    return update, weight, outputs
+      ok = metrics['finite'] & tree_util.tree_all_finite(grads)
+      grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+      contrib['scores'] = (grads, jnp.where(ok, weight, 0.0))
+    return contrib, outputs
+
+  def make_reducer(params):
+    zero = {}
+    if not whole_round:
+      zero['update'] = aggregator.init(params)
+    if scores:
+      zero['scores'] = score_mean.init(params)
+
+    def accumulate(acc, contribs, broadcast):
+      out = dict(acc)
+      if 'update' in acc:
+        updates, weights = contribs['update']
+        out['update'] = aggregator.accumulate(acc['update'], updates, weights,
+                                              broadcast['params'])
+      if 'scores' in acc:
+        grads, weights = contribs['scores']
+        out['scores'] = score_mean.accumulate(acc['scores'], grads, weights)
+      return out
+
+    return strategies.Reducer(zero, accumulate)
 
   def apply(state: ServerState, frozen, round_data) -> tuple[ServerState, dict]:
     weight = jnp.asarray(round_data['weight'], jnp.float32)
@@ -244,78 +291,74 @@ def build_round(loss_fn: client_lib.LossFn,
     store_ids = jnp.where(mask, ids, num_clients)   # padding clients scatter out of bounds
     client_states = jax.tree.map(lambda s: s.at[store_ids].get(mode='fill', fill_value=0),
                                  state.client_store)
+    inputs = {}
+    clip_norm = None
+    if privacy is not None:
+      clip_norm = (state.clip.clip_norm if adaptive_clip is not None
+                   else jnp.float32(privacy.clip_norm))
+      inputs['clip_norm'] = jnp.broadcast_to(clip_norm, weight.shape)
+    if attack is not None:
+      attacker = round_data.get('attacker')
+      inputs['attacker'] = (jnp.zeros(weight.shape, bool) if attacker is None
+                            else jnp.asarray(attacker, bool))
     xs = {
         'data': {k: round_data[k] for k in ('batch', 'example_mask', 'step_mask')},
         'weight': weight,
         'key': keys,
         'client_state': client_states,
+        'inputs': inputs,
     }
     if client_factory is not None:
       xs['hparams'] = {k: jnp.broadcast_to(v, weight.shape)
-                       for k, v in state.aux['hparams'].items()}
-    clip_norm = None
-    if privacy is not None:
-      clip_norm = (state.aux['clip'].clip_norm if adaptive_clip is not None
-                   else jnp.float32(privacy.clip_norm))
-      xs['clip_norm'] = jnp.broadcast_to(clip_norm, weight.shape)
-    if attack is not None:
-      attacker = round_data.get('attacker')
-      xs['attacker'] = (jnp.zeros(weight.shape, bool) if attacker is None
-                        else jnp.asarray(attacker, bool))
-    aux = state.aux
+                       for k, v in state.hparams.items()}
+    new = {}
     # What the clients start from: the server params, or the view they were sent.
     start = state.params
     if downlink_compressor is not None:
       down_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFE))
       payload, down_state = downlink_compressor.encode(
-          down_key, tree_util.tree_sub(state.params, aux['client_view']),
-          aux['downlink_state'])
-      view = tree_util.tree_add(aux['client_view'], downlink_compressor.decode(payload))
+          down_key, tree_util.tree_sub(state.params, state.downlink.view),
+          state.downlink.compressor_state)
+      view = tree_util.tree_add(state.downlink.view, downlink_compressor.decode(payload))
       view = jax.tree.map(lambda v, p: v.astype(p.dtype), view, state.params)
-      aux = dict(aux, client_view=view, downlink_state=down_state)
+      new['downlink'] = DownlinkState(view, down_state)
       start = view
-    broadcast = (start, aux['masks']) if pruning else start
-    run_aggregator = mean_lib.weighted_mean() if stacked else aggregator
-    acc, (new_client_states, cm, collected) = strategies.run_clients(
-        strategy, per_client, run_aggregator, broadcast, frozen, xs,
-        chunk_size=chunk_size, mesh=mesh,
-        update_like=(state.params, state.params) if prune_scores else state.params)
-    if stacked:
-      updates, weights = collected
-      if getattr(aggregator, 'needs_params', False):
-        mean_delta = aggregator.aggregate(updates, weights, state.params)
-      else:
-        mean_delta = aggregator.aggregate(updates, weights)
-      agg_info = {'total_weight': jnp.sum(weights)}
-      if products is not None:
-        aux = dict(aux, base_delta=products(updates, weights, state.params))
+    broadcast = {'params': start,
+                 'masks': state.prune.masks if pruning is not None else None}
+    base = frozen_view(state, frozen)
+    acc, outputs = strategies.run_clients(
+        strategy, per_client, make_reducer(start), broadcast, base, xs,
+        chunk_size=chunk_size, mesh=mesh)
+    cm = outputs['metrics']
+    if whole_round:
+      updates, weights = outputs['updates']
+      mean_delta, agg_info = aggregator.aggregate(updates, weights, start)
     else:
-      mean_delta, agg_info = aggregator.finalize(acc)
-    lora_err = None
-    if lora_error and products is None:   # `stack` is exact by construction
-      from fedjax_fm.peft import lora_aggregation  # pylint: disable=g-import-not-at-top
-      updates, weights = collected
-      lora_err = lora_aggregation.aggregation_error(updates, weights, state.params,
-                                                    aggregate=mean_delta, frozen=frozen)
-    if prune_scores:
-      mean_delta, mean_scores = mean_delta
-      aux = dict(aux, prune_scores=mean_scores)
+      mean_delta, agg_info = aggregator.finalize(acc['update'], start)
+    agg_info = dict(agg_info)
+    if aggregator.base is not None:
+      increment = agg_info.pop('base_delta')
+      new['base_delta'] = jax.tree.map(jnp.add, state.base_delta, increment)
+    if scores:
+      mean_scores, _ = score_mean.finalize(acc['scores'])
+      new['prune'] = state.prune._replace(scores=mean_scores)
     if privacy is not None:
       noise_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFF))
       mean_delta = privacy.noise(noise_key, mean_delta, jnp.sum(mask.astype(jnp.float32)),
                                  clip_norm=clip_norm)
       if adaptive_clip is not None:
-        aux = dict(aux, clip=adaptive_clip.update(
-            aux['clip'], cm['unclipped'], mask.astype(jnp.float32),
-            jax.random.fold_in(noise_key, 1)))
+        new['clip'] = adaptive_clip.update(
+            state.clip, cm['unclipped'], mask.astype(jnp.float32),
+            jax.random.fold_in(noise_key, 1))
 
     server_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
-    updates, opt_state = server_tx(aux).update(server_grad, state.opt_state, state.params)
+    updates, opt_state = server_tx(state.hparams).update(server_grad, state.opt_state,
+                                                         state.params)
     params = optax.apply_updates(state.params, updates)
-    if pruning:
-      params = jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, aux['masks'])
+    if pruning is not None:
+      params = jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, state.prune.masks)
     store = jax.tree.map(lambda s, n: s.at[store_ids].set(n, mode='drop'),
-                         state.client_store, new_client_states)
+                         state.client_store, outputs['client_state'])
 
     fmask = mask.astype(jnp.float32)
     ok = mask & cm['finite'] & jnp.isfinite(cm['loss'])   # clients counted in the loss
@@ -329,23 +372,22 @@ def build_round(loss_fn: client_lib.LossFn,
         'num_clients': n,
         'examples': jnp.sum(cm['examples'] * fmask),
         'steps': jnp.sum(cm['steps'] * fmask),
-        'uplink_bytes': n * float(uplink),
-        'downlink_bytes': n * float(downlink),
+        'uplink_bytes': n * float(uplink_bytes),
+        'downlink_bytes': n * float(downlink_bytes),
         'update_norm': tree_util.tree_norm(mean_delta),
         'param_norm': tree_util.tree_norm(params),
-        'total_weight': agg_info['total_weight'],
         'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
     }
-    if lora_err is not None:
-      metrics['lora_aggregation_error'] = lora_err
+    metrics.update(agg_info)
     if privacy is not None:
       metrics['clip_norm'] = clip_norm
       metrics['unclipped_fraction'] = (jnp.sum(fmask * cm['unclipped'].astype(jnp.float32))
                                        / jnp.maximum(n, 1.0))
-    new_state = ServerState(params=params, opt_state=opt_state, client_store=store,
-                            key=state.key, round=state.round + 1, aux=aux)
+    new_state = state._replace(params=params, opt_state=opt_state, client_store=store,
+                               round=state.round + 1, **new)
     return new_state, metrics
 
   jitted = jax.jit(apply, donate_argnums=(0,) if donate else ())
-  return FederatedRound(init=init, apply=jitted, uplink_bytes_per_client=uplink,
-                        downlink_bytes_per_client=downlink, apply_fn=apply)
+  return FederatedRound(init=init, apply=jitted, uplink_bytes_per_client=uplink_bytes,
+                        downlink_bytes_per_client=downlink_bytes, apply_fn=apply,
+                        frozen_view=jax.jit(frozen_view))

@@ -1,30 +1,42 @@
 """Execution strategies for the clients axis.
 
-Every strategy maps ``per_client(params, frozen, x) -> (update, weight, outputs)``
-over the leading clients axis of ``xs`` and folds the weighted updates into a
-streaming aggregator (a client's weight may differ from ``x['weight']``, e.g. 0
-when its update is not finite). They differ only in how the axis is executed:
+Every strategy maps ``per_client(broadcast, frozen, x) -> (contrib, outputs)``
+over the leading clients axis of ``xs`` and folds the contributions into a
+`Reducer`'s accumulator (e.g. an aggregator's running sums). They differ only
+in how the axis is executed:
 
 * ``vmap``: all clients at once (memory O(C)).
 * ``chunked``: a ``lax.scan`` over chunks of K clients, each chunk vmapped,
-  carrying the aggregator's running sums (memory O(K)).
+  carrying the accumulator (memory O(K)).
 * ``sharded``: ``jax.shard_map`` over the ``clients`` axis of a device mesh;
-  each device runs ``chunked`` on its clients, then the sums are ``psum``-ed.
+  each device runs ``chunked`` on its clients, then the accumulators are
+  ``psum``-ed.
 
-All three return the same aggregate up to float reassociation.
+All three return the same result up to float reassociation. ``outputs`` (small
+per-client metrics, or the updates themselves for a whole-round aggregator) are
+returned stacked ``[C, ...]``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from fedjax_fm.aggregate.base import StreamingAggregator
+
+class Reducer(NamedTuple):
+  """How per-client contributions fold into one accumulator.
+
+  Attributes:
+    zero: the initial accumulator (a pytree whose leaves add across devices).
+    accumulate: ``accumulate(acc, contribs [K, ...], broadcast) -> acc``.
+  """
+  zero: Any
+  accumulate: Callable[[Any, Any, Any], Any]
+
 
 STRATEGIES = ('vmap', 'chunked', 'sharded')
 CLIENTS_AXIS = 'clients'
@@ -44,37 +56,32 @@ def _merge_leading(tree):
   return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
 
 
-def _vmapped_chunk(per_client, aggregator, params, frozen):
+def _vmapped_chunk(per_client, reducer: Reducer, broadcast, frozen):
   def body(acc, xs_chunk):
-    updates, weights, outs = jax.vmap(per_client, in_axes=(None, None, 0))(
-        params, frozen, xs_chunk)
-    acc = aggregator.accumulate(acc, updates, weights)
-    return acc, outs
+    contribs, outs = jax.vmap(per_client, in_axes=(None, None, 0))(
+        broadcast, frozen, xs_chunk)
+    return reducer.accumulate(acc, contribs, broadcast), outs
   return body
 
 
-def run_vmap(per_client, aggregator: StreamingAggregator, params, frozen, xs,
-             update_like=None):
-  body = _vmapped_chunk(per_client, aggregator, params, frozen)
-  return body(aggregator.zero(params if update_like is None else update_like), xs)
+def run_vmap(per_client, reducer: Reducer, broadcast, frozen, xs):
+  return _vmapped_chunk(per_client, reducer, broadcast, frozen)(reducer.zero, xs)
 
 
-def run_chunked(per_client, aggregator: StreamingAggregator, params, frozen, xs,
-                chunk_size: int, update_like=None):
+def run_chunked(per_client, reducer: Reducer, broadcast, frozen, xs, chunk_size: int):
   num_clients = xs['weight'].shape[0]
   if num_clients % chunk_size:
     raise ValueError(f'chunk_size={chunk_size} must divide the clients per round '
                      f'({num_clients}); pad the round with padding clients')
   num_chunks = num_clients // chunk_size
-  body = _vmapped_chunk(per_client, aggregator, params, frozen)
+  body = _vmapped_chunk(per_client, reducer, broadcast, frozen)
   xs = _split_leading(xs, num_chunks, chunk_size)
-  zero = aggregator.zero(params if update_like is None else update_like)
-  acc, outs = jax.lax.scan(body, zero, xs)
+  acc, outs = jax.lax.scan(body, reducer.zero, xs)
   return acc, _merge_leading(outs)
 
 
-def run_sharded(per_client, aggregator: StreamingAggregator, params, frozen, xs,
-                chunk_size: int, mesh: Mesh, update_like=None):
+def run_sharded(per_client, reducer: Reducer, broadcast, frozen, xs, chunk_size: int,
+                mesh: Mesh):
   num_devices = mesh.shape[CLIENTS_AXIS]
   num_clients = xs['weight'].shape[0]
   if num_clients % (num_devices * chunk_size):
@@ -82,9 +89,8 @@ def run_sharded(per_client, aggregator: StreamingAggregator, params, frozen, xs,
         f'clients per round ({num_clients}) must be a multiple of devices x chunk_size '
         f'({num_devices} x {chunk_size}); pad the round with padding clients')
 
-  def local(params, frozen, xs):
-    acc, outs = run_chunked(per_client, aggregator, params, frozen, xs, chunk_size,
-                            update_like)
+  def local(broadcast, frozen, xs):
+    acc, outs = run_chunked(per_client, reducer, broadcast, frozen, xs, chunk_size)
     return jax.lax.psum(acc, CLIENTS_AXIS), outs
 
   # Manual over `clients` only: other mesh axes (e.g. `model`, over which the
@@ -95,30 +101,37 @@ def run_sharded(per_client, aggregator: StreamingAggregator, params, frozen, xs,
                      # Per-client carries start replicated and become per-device;
                      # the psum above makes the accumulator replicated again.
                      check_vma=False)
-  return fn(params, frozen, xs)
+  return fn(broadcast, frozen, xs)
 
 
-def run_clients(strategy: str, per_client: Callable, aggregator: StreamingAggregator,
-                params, frozen, xs: Any, *, chunk_size: int | None = None,
-                mesh: Mesh | None = None, update_like=None):
+def run_clients(strategy: str, per_client: Callable, reducer: Reducer, broadcast, frozen,
+                xs: Any, *, chunk_size: int | None = None, mesh: Mesh | None = None):
   """Runs ``per_client`` over the clients axis with the named strategy.
 
-  ``params`` is whatever every client receives (broadcast); ``update_like``
-  (default: ``params``) shapes the aggregator's accumulator.
+  Args:
+    strategy: ``vmap``, ``chunked`` or ``sharded``.
+    per_client: ``per_client(broadcast, frozen, x) -> (contrib, outputs)``.
+    reducer: folds the contributions (see `Reducer`).
+    broadcast: what every client receives (replicated).
+    frozen: the frozen base (replicated, or sharded over other mesh axes).
+    xs: per-client inputs with a leading clients axis (``xs['weight']`` sizes it).
+    chunk_size: clients per vmapped chunk (``chunked``; per device for
+      ``sharded``); default: all (per device).
+    mesh: a mesh with a ``clients`` axis for ``sharded`` (default: local devices).
 
   Returns:
-    ``(accumulator, outputs)``: the aggregator's accumulated sums and the
-    per-client outputs stacked on a leading ``[C]`` axis.
+    ``(accumulator, outputs)``: the reducer's accumulator and the per-client
+    outputs stacked on a leading ``[C]`` axis.
   """
   num_clients = xs['weight'].shape[0]
   if strategy == 'vmap':
-    return run_vmap(per_client, aggregator, params, frozen, xs, update_like)
+    return run_vmap(per_client, reducer, broadcast, frozen, xs)
   if strategy == 'chunked':
-    return run_chunked(per_client, aggregator, params, frozen, xs,
-                       chunk_size or num_clients, update_like)
+    return run_chunked(per_client, reducer, broadcast, frozen, xs,
+                       chunk_size or num_clients)
   if strategy == 'sharded':
     mesh = mesh if mesh is not None else clients_mesh()
     local_clients = num_clients // mesh.shape[CLIENTS_AXIS]
-    return run_sharded(per_client, aggregator, params, frozen, xs,
-                       chunk_size or max(local_clients, 1), mesh, update_like)
+    return run_sharded(per_client, reducer, broadcast, frozen, xs,
+                       chunk_size or max(local_clients, 1), mesh)
   raise ValueError(f'strategy {strategy!r} is unknown; allowed: {STRATEGIES}')

@@ -1,6 +1,10 @@
-"""Models (NNX) and tasks for federated fine-tuning."""
+"""Models (NNX) and tasks for federated fine-tuning.
 
-from fedjax_fm.models import hf
+Hugging Face checkpoint loading and export live in the top-level ``hf``
+package, which builds on this one.
+"""
+
+from fedjax_fm.models import layers
 from fedjax_fm.models.decoder import Decoder
 from fedjax_fm.models.decoder import DecoderConfig
 from fedjax_fm.models.decoder import KVCache
@@ -8,11 +12,6 @@ from fedjax_fm.models.encoder import Encoder
 from fedjax_fm.models.encoder import EncoderConfig
 from fedjax_fm.models.gpt2 import GPT2
 from fedjax_fm.models.gpt2 import GPT2Config
-from fedjax_fm.models.hf import from_pretrained
-from fedjax_fm.models.hf import load_bert_into
-from fedjax_fm.models.hf import load_gpt2_into
-from fedjax_fm.models.hf import load_llama_into
-from fedjax_fm.models.hf import load_minilm_encoder
 from fedjax_fm.models.generate import Generation
 from fedjax_fm.models.generate import generate
 from fedjax_fm.models.generate import make_generate_fn
@@ -40,13 +39,8 @@ __all__ = [
     'causal_lm_task',
     'classification_task',
     'features_classification_task',
-    'from_pretrained',
     'generate',
-    'hf',
-    'load_bert_into',
-    'load_gpt2_into',
-    'load_llama_into',
-    'load_minilm_encoder',
+    'layers',
     'make_eval_fn',
     'make_generate_fn',
     'make_loss_fn',

@@ -22,8 +22,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_fm.peft.lora import dropout as _dropout
-from fedjax_fm.peft.lora import linear_apply
+from fedjax_fm.models.layers import RMSNorm
+from fedjax_fm.models.layers import activation
+from fedjax_fm.models.layers import dropout
+from fedjax_fm.models.layers import embed
+from fedjax_fm.models.layers import linear
+from fedjax_fm.models.layers import linear_apply
 
 __all__ = [
     'Attention',
@@ -37,8 +41,6 @@ __all__ = [
     'rope_cos_sin',
     'rotate_half',
 ]
-
-_INIT = nnx.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,22 +118,6 @@ class DecoderConfig:
     return self
 
 
-class RMSNorm(nnx.Module):
-  """``x / sqrt(mean(x**2) + eps) * scale``, computed in float32."""
-
-  def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None,
-               param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-    self.eps = eps
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dtype = self.dtype or x.dtype
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(dtype)
-
-
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float):
   """Returns ``cos, sin`` of shape ``[..., head_dim]`` (HF Llama layout)."""
   inv_freq = 1.0 / (
@@ -169,14 +155,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def _linear(cfg: DecoderConfig, din: int, dout: int, rngs: nnx.Rngs,
             use_bias: bool = False):
-  return nnx.Linear(
-      din, dout, use_bias=use_bias, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, kernel_init=_INIT, rngs=rngs,
-  )
+  return linear(din, dout, use_bias=use_bias, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
-  """Grouped-query causal self-attention with RoPE."""
+  """Grouped-query causal self-attention with RoPE.
+
+  Attributes:
+    q_proj, k_proj, v_proj, o_proj: the projections (``nnx.Linear`` or PEFT
+      wrappers of them, called through :func:`~fedjax_fm.models.layers.
+      linear_apply`).
+    prefix: hook for prefix tuning, ``None`` by default. Prefix tuning
+      (``peft.apply_prefix_tuning``) installs here a module
+      whose call ``prefix(batch_size)`` returns ``(key, value)`` arrays
+      ``[B, P, kv_heads, head_dim]`` that are prepended to this layer's
+      keys/values.
+  """
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     hd = cfg.head_dim
@@ -190,6 +185,7 @@ class Attention(nnx.Module):
     self.v_proj = _linear(cfg, cfg.dim, cfg.num_kv_heads * hd, rngs, qkv_bias)
     self.o_proj = _linear(cfg, cfg.num_heads * hd, cfg.dim, rngs,
                           cfg.attention_out_bias)
+    self.prefix = nnx.data(None)
 
   def __call__(
       self,
@@ -207,8 +203,8 @@ class Attention(nnx.Module):
     int32 scalar) the new keys/values (after RoPE) are written at slots
     ``index .. index + L - 1`` and the queries attend to all ``S`` slots.
 
-    If the module has a ``prefix`` child (set by
-    :func:`fedjax_fm.peft.apply_prefix_tuning`), its ``P`` key/value vectors
+    If the :attr:`prefix` hook is set (by
+    ``peft.apply_prefix_tuning``), its ``P`` key/value vectors
     are prepended to the keys/values (no RoPE; always attendable).
 
     Args:
@@ -238,9 +234,8 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       new_cache = (k, v)
-    prefix = getattr(self, 'prefix', None)
-    if prefix is not None:
-      pk, pv = prefix(b)
+    if self.prefix is not None:
+      pk, pv = self.prefix(b)
       k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
       v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
       mask = jnp.concatenate(
@@ -270,7 +265,7 @@ class MLP(nnx.Module):
     self.down_proj = _linear(cfg, cfg.mlp_dim, cfg.dim, rngs, cfg.mlp_bias)
 
   def __call__(self, x, *, rngs: nnx.Rngs | None = None):
-    h = jax.nn.silu(linear_apply(self.gate_proj, x, rngs))
+    h = activation('silu')(linear_apply(self.gate_proj, x, rngs))
     h = h * linear_apply(self.up_proj, x, rngs)
     return linear_apply(self.down_proj, h, rngs)
 
@@ -297,9 +292,9 @@ class DecoderBlock(nnx.Module):
     h = self.attn(self.attn_norm(x), mask, positions, cache=cache, rngs=rngs)
     if cache is not None:
       h, new_cache = h
-    x = x + _dropout(h, self.dropout, rngs)
+    x = x + dropout(h, self.dropout, rngs)
     h = self.mlp(self.mlp_norm(x), rngs=rngs)
-    x = x + _dropout(h, self.dropout, rngs)
+    x = x + dropout(h, self.dropout, rngs)
     return x if cache is None else (x, new_cache)
 
 
@@ -335,14 +330,19 @@ class Decoder(nnx.Module):
     layers: ``nnx.List`` of :class:`DecoderBlock`.
     norm: final :class:`RMSNorm`.
     lm_head: output ``nnx.Linear`` (``None`` with tied embeddings).
+    prompt: hook for prompt tuning, ``None`` by default. Prompt tuning
+      (``peft.apply_prompt_tuning``) installs here a module
+      with an int attribute ``num_virtual_tokens`` (``V``) whose call
+      ``prompt(batch_size)`` returns the ``[B, V, dim]`` virtual-token
+      embeddings that are prepended to the token embeddings.
   """
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     cfg.validate()
     self.config = cfg
-    self.embed = nnx.Embed(
+    self.embed = embed(
         cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=_INIT, rngs=rngs,
+        rngs=rngs,
     )
     self.layers = nnx.List(
         [DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
@@ -353,6 +353,12 @@ class Decoder(nnx.Module):
       self.lm_head = None
     else:
       self.lm_head = _linear(cfg, cfg.dim, cfg.vocab_size, rngs)
+    self.prompt = nnx.data(None)
+
+  @property
+  def num_virtual_tokens(self) -> int:
+    """Number ``V`` of soft-prompt tokens (0 without a :attr:`prompt`)."""
+    return 0 if self.prompt is None else self.prompt.num_virtual_tokens
 
   def __call__(
       self,
@@ -368,8 +374,8 @@ class Decoder(nnx.Module):
     Two modes:
 
     * Full sequence (``cache=None``): the ``L`` tokens attend causally to
-      each other. If the model has a soft prompt (a ``prompt`` child, set by
-      :func:`fedjax_fm.peft.apply_prompt_tuning`), its ``V`` virtual tokens
+      each other. If the :attr:`prompt` hook is set (by
+      ``peft.apply_prompt_tuning``), its ``V`` virtual tokens
       (positions ``0..V-1``) are prepended to the token embeddings, are always
       attended to, and are dropped from the output.
     * Cached (``cache`` from :meth:`init_cache` or a previous cached call):
@@ -408,8 +414,8 @@ class Decoder(nnx.Module):
     x = self.embed(input_ids)
     if cache is not None:
       return self._cached_forward(x, real, positions, cache, rngs)
-    prompt = getattr(self, 'prompt', None)
-    nv = 0 if prompt is None else prompt.num_virtual_tokens
+    prompt = self.prompt
+    nv = self.num_virtual_tokens
     if l + nv > cfg.max_len:
       extra = f' + {nv} virtual tokens' if nv else ''
       raise ValueError(
@@ -425,7 +431,7 @@ class Decoder(nnx.Module):
           jnp.broadcast_to(positions, (b, l)),
       ], axis=1)
     t = nv + l
-    x = _dropout(x, cfg.dropout, rngs)
+    x = dropout(x, cfg.dropout, rngs)
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None] & real[:, None, :]
     for layer in self.layers:
       x = layer(x, mask, positions, rngs=rngs)
@@ -455,7 +461,7 @@ class Decoder(nnx.Module):
     kv_mask = jax.lax.dynamic_update_slice(cache.mask, real, (0, index))
     causal = jnp.arange(s)[None, :] <= index + jnp.arange(l)[:, None]
     mask = causal[None] & kv_mask[:, None, :]
-    x = _dropout(x, self.config.dropout, rngs)
+    x = dropout(x, self.config.dropout, rngs)
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
       x, (k, v) = layer(
@@ -492,8 +498,8 @@ class Decoder(nnx.Module):
                         ('max_length', max_length)):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f'{name} must be a positive int, got {value!r}')
-    prompt = getattr(self, 'prompt', None)
-    nv = 0 if prompt is None else prompt.num_virtual_tokens
+    prompt = self.prompt
+    nv = self.num_virtual_tokens
     if not nv < max_length <= cfg.max_len:
       raise ValueError(
           f'max_length must be in ({nv}, max_len={cfg.max_len}] (the model '

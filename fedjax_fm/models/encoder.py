@@ -2,7 +2,7 @@
 
 Post-norm BERT blocks with biases, exact (erf) GELU and absolute position
 embeddings, compatible with HF ``BertModel`` checkpoints (see
-:mod:`fedjax_fm.models.hf`). Parameter paths::
+the top-level ``hf`` package). Parameter paths::
 
   embeddings.{word,position,token_type}.embedding
   embeddings.norm.{scale,bias}
@@ -14,15 +14,18 @@ embeddings, compatible with HF ``BertModel`` checkpoints (see
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_fm.peft.lora import dropout as _dropout
-from fedjax_fm.peft.lora import linear_apply
+from fedjax_fm.models.layers import activation
+from fedjax_fm.models.layers import dropout
+from fedjax_fm.models.layers import embed
+from fedjax_fm.models.layers import layer_norm
+from fedjax_fm.models.layers import linear
+from fedjax_fm.models.layers import linear_apply
 
 __all__ = [
     'EncoderConfig',
@@ -34,7 +37,6 @@ __all__ = [
 
 POOLINGS = ('mean', 'cls')
 ACTIVATIONS = ('gelu', 'gelu_new', 'relu')
-_INIT = nnx.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,71 +111,15 @@ class EncoderConfig:
       raise ValueError(f'dropout must be in [0, 1), got {self.dropout}')
     return self
 
-  @classmethod
-  def from_hf(
-      cls,
-      config: Mapping[str, Any],
-      num_labels: int = 2,
-      **overrides: Any,
-  ) -> 'EncoderConfig':
-    """Builds a config from a HF BERT ``config.json`` dict.
-
-    Args:
-      config: the parsed ``config.json``.
-      num_labels: classifier outputs.
-      **overrides: any other :class:`EncoderConfig` field (e.g. ``pooling``,
-        ``dropout``, ``dtype``). ``dropout`` defaults to 0.0.
-
-    Returns:
-      A validated config.
-    """
-    model_type = config.get('model_type', 'bert')
-    if model_type != 'bert':
-      raise ValueError(f"model_type must be 'bert', got {model_type!r}")
-    pos_type = config.get('position_embedding_type', 'absolute')
-    if pos_type != 'absolute':
-      raise ValueError(
-          f"position_embedding_type must be 'absolute', got {pos_type!r}"
-      )
-    kwargs = dict(
-        vocab_size=config['vocab_size'],
-        hidden_size=config['hidden_size'],
-        num_layers=config['num_hidden_layers'],
-        num_heads=config['num_attention_heads'],
-        intermediate_size=config['intermediate_size'],
-        max_position=config.get('max_position_embeddings', 512),
-        type_vocab_size=config.get('type_vocab_size', 2),
-        layer_norm_eps=config.get('layer_norm_eps', 1e-12),
-        hidden_act=config.get('hidden_act', 'gelu'),
-        num_labels=num_labels,
-    )
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'unknown EncoderConfig fields: {sorted(unknown)}')
-    kwargs.update(overrides)
-    return cls(**kwargs).validate()
-
 
 def _linear(cfg: EncoderConfig, din: int, dout: int, rngs: nnx.Rngs):
-  return nnx.Linear(
-      din, dout, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      kernel_init=_INIT, rngs=rngs,
-  )
+  return linear(din, dout, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                rngs=rngs)
 
 
 def _layer_norm(cfg: EncoderConfig, rngs: nnx.Rngs):
-  return nnx.LayerNorm(
-      cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, use_fast_variance=False, rngs=rngs,
-  )
-
-
-def _activation(name: str, x: jax.Array) -> jax.Array:
-  if name == 'gelu':
-    return jax.nn.gelu(x, approximate=False)
-  if name == 'gelu_new':
-    return jax.nn.gelu(x, approximate=True)
-  return jax.nn.relu(x)
+  return layer_norm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -194,9 +140,9 @@ class Embeddings(nnx.Module):
   """Word + position + token-type embeddings followed by LayerNorm."""
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-    emb = lambda n: nnx.Embed(
+    emb = lambda n: embed(
         n, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=_INIT, rngs=rngs,
+        rngs=rngs,
     )
     self.word = emb(cfg.vocab_size)
     self.position = emb(cfg.max_position)
@@ -243,7 +189,8 @@ class EncoderLayer(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, l, hidden)
     x = self.attn_norm(x + linear_apply(self.attn_out, ctx, rngs))
-    h = _activation(self.hidden_act, linear_apply(self.intermediate, x, rngs))
+    h = activation(self.hidden_act)(
+        linear_apply(self.intermediate, x, rngs))
     return self.out_norm(x + linear_apply(self.output, h, rngs))
 
 
@@ -351,5 +298,5 @@ class Encoder(nnx.Module):
       attention_mask = jnp.ones_like(input_ids)
     hidden = self.encode(input_ids, attention_mask, token_type_ids, rngs=rngs)
     pooled = self.pool(hidden, attention_mask)
-    pooled = _dropout(pooled, self.config.dropout, rngs)
+    pooled = dropout(pooled, self.config.dropout, rngs)
     return linear_apply(self.classifier, pooled, rngs).astype(jnp.float32)

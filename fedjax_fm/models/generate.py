@@ -136,8 +136,7 @@ def _decode_loop(
   """The traceable generation: prefill, then a while_loop of steps."""
   cfg = model.config
   b, p = prompt_ids.shape
-  prompt = getattr(model, 'prompt', None)
-  nv = 0 if prompt is None else prompt.num_virtual_tokens
+  nv = model.num_virtual_tokens
   # The last generated token is never fed back, so it needs no slot.
   length = nv + p + max_new_tokens - 1
   if length > cfg.max_len:

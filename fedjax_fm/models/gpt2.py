@@ -5,7 +5,7 @@ multi-head causal self-attention and a GELU MLP (``'gelu_new'``, the tanh
 approximation, by default), with the output projection tied to the token
 embeddings. HF GPT-2 fuses the q/k/v projections into one ``Conv1D``
 (``c_attn``); here they are separate ``nnx.Linear`` layers so that LoRA can
-target them individually (:mod:`fedjax_fm.models.hf` splits and re-fuses
+target them individually (the top-level ``hf`` package splits and re-fuses
 ``c_attn`` on import/export). Parameter paths::
 
   embed.embedding
@@ -21,15 +21,18 @@ target them individually (:mod:`fedjax_fm.models.hf` splits and re-fuses
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_fm.peft.lora import dropout as _dropout
-from fedjax_fm.peft.lora import linear_apply
+from fedjax_fm.models.layers import activation
+from fedjax_fm.models.layers import dropout
+from fedjax_fm.models.layers import embed
+from fedjax_fm.models.layers import layer_norm
+from fedjax_fm.models.layers import linear
+from fedjax_fm.models.layers import linear_apply
 
 __all__ = [
     'GPT2',
@@ -40,14 +43,6 @@ __all__ = [
 ]
 
 ACTIVATIONS = ('gelu_new', 'gelu', 'relu')
-# HF ``activation_function`` names accepted by :meth:`GPT2Config.from_hf`.
-_HF_ACTIVATIONS = {
-    'gelu_new': 'gelu_new',
-    'gelu_pytorch_tanh': 'gelu_new',
-    'gelu': 'gelu',
-    'relu': 'relu',
-}
-_INIT = nnx.initializers.normal(stddev=0.02)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,104 +103,16 @@ class GPT2Config:
       raise ValueError(f'dropout must be in [0, 1), got {self.dropout}')
     return self
 
-  @classmethod
-  def from_hf(cls, config: Mapping[str, Any], **overrides: Any) -> 'GPT2Config':
-    """Builds a config from a HF GPT-2 ``config.json`` dict.
-
-    Args:
-      config: the parsed ``config.json`` (``model_type`` ``'gpt2'``).
-      **overrides: any other :class:`GPT2Config` field (e.g. ``dtype``,
-        ``dropout``). ``dropout`` defaults to 0.0 whatever the HF
-        ``resid_pdrop``.
-
-    Returns:
-      A validated config.
-
-    Raises:
-      ValueError: for a different ``model_type`` or a GPT-2 option this model
-        does not implement (named in the message).
-    """
-    model_type = config.get('model_type', 'gpt2')
-    if model_type != 'gpt2':
-      raise ValueError(f"model_type must be 'gpt2', got {model_type!r}")
-    unsupported = {
-        'scale_attn_by_inverse_layer_idx': False,
-        'add_cross_attention': False,
-        'scale_attn_weights': True,
-    }
-    for field, supported in unsupported.items():
-      value = config.get(field, supported)
-      if bool(value) != supported:
-        raise ValueError(
-            f'unsupported GPT-2 config: {field}={value!r} (only {supported} '
-            'is implemented)'
-        )
-    act = config.get('activation_function', 'gelu_new')
-    if act not in _HF_ACTIVATIONS:
-      raise ValueError(
-          f'unsupported GPT-2 config: activation_function={act!r}; supported: '
-          f'{sorted(_HF_ACTIVATIONS)}'
-      )
-    dim = config['n_embd']
-    kwargs = dict(
-        vocab_size=config['vocab_size'],
-        dim=dim,
-        num_layers=config['n_layer'],
-        num_heads=config['n_head'],
-        mlp_dim=config.get('n_inner') or 4 * dim,
-        max_len=config.get('n_positions', 1024),
-        norm_eps=config.get('layer_norm_epsilon', 1e-5),
-        activation=_HF_ACTIVATIONS[act],
-        tie_embeddings=config.get('tie_word_embeddings', True),
-    )
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'unknown GPT2Config fields: {sorted(unknown)}')
-    kwargs.update(overrides)
-    return cls(**kwargs).validate()
-
-  def to_hf(self) -> dict[str, Any]:
-    """The architecture fields of a HF GPT-2 ``config.json``."""
-    act = {'gelu_new': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu'}
-    return {
-        'model_type': 'gpt2',
-        'architectures': ['GPT2LMHeadModel'],
-        'vocab_size': self.vocab_size,
-        'n_embd': self.dim,
-        'n_layer': self.num_layers,
-        'n_head': self.num_heads,
-        'n_inner': self.mlp_dim,
-        'n_positions': self.max_len,
-        'layer_norm_epsilon': self.norm_eps,
-        'activation_function': act[self.activation],
-        'tie_word_embeddings': self.tie_embeddings,
-        'scale_attn_weights': True,
-        'scale_attn_by_inverse_layer_idx': False,
-        'add_cross_attention': False,
-    }
-
 
 def _linear(cfg: GPT2Config, din: int, dout: int, rngs: nnx.Rngs,
             use_bias: bool = True):
-  return nnx.Linear(
-      din, dout, use_bias=use_bias, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, kernel_init=_INIT, rngs=rngs,
-  )
+  return linear(din, dout, use_bias=use_bias, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs):
-  return nnx.LayerNorm(
-      cfg.dim, epsilon=cfg.norm_eps, dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype, use_fast_variance=False, rngs=rngs,
-  )
-
-
-def _activation(name: str, x: jax.Array) -> jax.Array:
-  if name == 'gelu_new':
-    return jax.nn.gelu(x, approximate=True)
-  if name == 'gelu':
-    return jax.nn.gelu(x, approximate=False)
-  return jax.nn.relu(x)
+  return layer_norm(cfg.dim, eps=cfg.norm_eps, dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 class GPT2Attention(nnx.Module):
@@ -256,7 +163,7 @@ class GPT2MLP(nnx.Module):
     self.fc_out = _linear(cfg, cfg.mlp_dim, cfg.dim, rngs)
 
   def __call__(self, x, *, rngs: nnx.Rngs | None = None):
-    h = _activation(self.activation, linear_apply(self.fc_in, x, rngs))
+    h = activation(self.activation)(linear_apply(self.fc_in, x, rngs))
     return linear_apply(self.fc_out, h, rngs)
 
 
@@ -272,9 +179,9 @@ class GPT2Block(nnx.Module):
 
   def __call__(self, x, mask, *, rngs: nnx.Rngs | None = None):
     h = self.attn(self.attn_norm(x), mask, rngs=rngs)
-    x = x + _dropout(h, self.dropout, rngs)
+    x = x + dropout(h, self.dropout, rngs)
     h = self.mlp(self.mlp_norm(x), rngs=rngs)
-    return x + _dropout(h, self.dropout, rngs)
+    return x + dropout(h, self.dropout, rngs)
 
 
 class GPT2(nnx.Module):
@@ -291,9 +198,8 @@ class GPT2(nnx.Module):
   def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
     cfg.validate()
     self.config = cfg
-    emb = lambda n: nnx.Embed(
-        n, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        embedding_init=_INIT, rngs=rngs,
+    emb = lambda n: embed(
+        n, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
     )
     self.embed = emb(cfg.vocab_size)
     self.pos_embed = emb(cfg.max_len)
@@ -330,7 +236,7 @@ class GPT2(nnx.Module):
     if l > cfg.max_len:
       raise ValueError(f'sequence length {l} exceeds max_len={cfg.max_len}')
     x = self.embed(input_ids) + self.pos_embed(jnp.arange(l))[None]
-    x = _dropout(x, cfg.dropout, rngs)
+    x = dropout(x, cfg.dropout, rngs)
     mask = jnp.tril(jnp.ones((l, l), dtype=bool))[None]
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, :]

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from fedjax_fm.peft.lora import dropout as _dropout
-from fedjax_fm.peft.lora import linear_apply
+from fedjax_fm.models.layers import activation
+from fedjax_fm.models.layers import dropout
+from fedjax_fm.models.layers import linear_apply
 
 __all__ = ['MLPClassifier']
 
@@ -58,7 +59,8 @@ class MLPClassifier(nnx.Module):
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None):
     """Returns logits ``[..., num_classes]``; dropout only if ``rngs``."""
+    relu = activation('relu')
     for layer in self.layers:
-      x = jax.nn.relu(linear_apply(layer, x, rngs))
-      x = _dropout(x, self.dropout, rngs)
+      x = relu(linear_apply(layer, x, rngs))
+      x = dropout(x, self.dropout, rngs)
     return linear_apply(self.classifier, x, rngs)

@@ -1,7 +1,12 @@
-"""Parameter-efficient fine-tuning: LoRA and trainable/frozen splits."""
+"""Parameter-efficient fine-tuning: LoRA and trainable/frozen splits.
+
+Hugging Face PEFT adapter export lives in the top-level ``hf`` package
+(``hf.export_lora_adapter``), which builds on this one.
+"""
 
 from fedjax_fm.peft import lora_aggregation
 from fedjax_fm.peft import slora
+from fedjax_fm.peft import surgery
 from fedjax_fm.peft.adapters import AdapterLinear
 from fedjax_fm.peft.adapters import AdapterParam
 from fedjax_fm.peft.adapters import apply_adapters
@@ -12,7 +17,6 @@ from fedjax_fm.peft.lora_aggregation import freeze_lora_a
 from fedjax_fm.peft.lora_aggregation import lora_aggregator
 from fedjax_fm.peft.lora import LoRALinear
 from fedjax_fm.peft.lora import apply_lora
-from fedjax_fm.peft.lora import linear_apply
 from fedjax_fm.peft.lora import linear_paths
 from fedjax_fm.peft.prompt import PrefixKV
 from fedjax_fm.peft.prompt import PrefixParam
@@ -38,6 +42,7 @@ __all__ = [
     'lora_aggregation',
     'lora_aggregator',
     'slora',
+    'surgery',
     'LoRALinear',
     'METHODS',
     'PrefixKV',
@@ -49,7 +54,6 @@ __all__ = [
     'Split',
     'apply_lora',
     'count_params',
-    'linear_apply',
     'linear_paths',
     'merge',
     'split_model',

@@ -16,9 +16,9 @@ variables (a subclass of ``nnx.Param``), which is what
 ``peft.split_model(model, 'adapter')`` selects as trainable.
 
 Because the models call their projections through
-:func:`fedjax_fm.peft.linear_apply`, :func:`apply_adapters` needs no model
-change. The same machinery (:func:`wrap_linears`) is used by
-:mod:`fedjax_fm.peft.ia3`. Wrappers may wrap plain ``nnx.Linear`` layers or
+:func:`fedjax_fm.models.layers.linear_apply`, :func:`apply_adapters` needs no
+model change; layers are found and wrapped with :mod:`fedjax_fm.peft.surgery`,
+as by the other PEFT methods. Wrappers may wrap plain ``nnx.Linear`` layers or
 other linear wrappers (e.g. a :class:`~fedjax_fm.peft.LoRALinear`, so LoRA and
 adapters compose when LoRA is applied first).
 
@@ -30,15 +30,20 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_fm.peft.lora import linear_apply
-from fedjax_fm.peft.lora import path_matches
+from fedjax_fm.models.layers import ACTIVATIONS
+from fedjax_fm.models.layers import activation as activation_fn
+from fedjax_fm.models.layers import linear_apply
+from fedjax_fm.peft.surgery import innermost_linear
+from fedjax_fm.peft.surgery import matching_linear_paths
+from fedjax_fm.peft.surgery import normalize_patterns
+from fedjax_fm.peft.surgery import wrap_linears
 
 __all__ = [
     'ACTIVATIONS',
@@ -46,13 +51,7 @@ __all__ = [
     'AdapterParam',
     'DEFAULT_ADAPTER_TARGETS',
     'apply_adapters',
-    'innermost_linear',
-    'is_linear_wrapper',
-    'linear_like_paths',
-    'wrap_linears',
 ]
-
-ACTIVATIONS = ('gelu', 'gelu_new', 'relu', 'silu', 'tanh')
 
 # Attention and MLP output projections of the Decoder and of the Encoder.
 DEFAULT_ADAPTER_TARGETS = ('o_proj', 'down_proj', 'attn_out', 'output')
@@ -60,142 +59,6 @@ DEFAULT_ADAPTER_TARGETS = ('o_proj', 'down_proj', 'attn_out', 'output')
 
 class AdapterParam(nnx.Param):
   """Trainable parameter of a bottleneck adapter (``split_model(.., 'adapter')``)."""
-
-
-def is_linear_wrapper(module: Any) -> bool:
-  """Whether ``module`` wraps a linear layer (has a ``base`` module and features)."""
-  return (
-      not isinstance(module, nnx.Linear)
-      and isinstance(getattr(module, 'base', None), nnx.Module)
-      and hasattr(module, 'in_features')
-      and hasattr(module, 'out_features')
-  )
-
-
-def innermost_linear(layer: Any) -> nnx.Linear:
-  """Follows ``.base`` through wrappers down to the wrapped ``nnx.Linear``."""
-  while not isinstance(layer, nnx.Linear):
-    if not is_linear_wrapper(layer):
-      raise TypeError(
-          f'expected an nnx.Linear or a linear wrapper, got '
-          f'{type(layer).__name__}'
-      )
-    layer = layer.base
-  return layer
-
-
-def linear_like_paths(model: nnx.Module) -> list[tuple[Any, ...]]:
-  """Paths of the outermost linear layers of ``model``.
-
-  A linear layer is an ``nnx.Linear`` or a wrapper of one (``LoRALinear``,
-  :class:`AdapterLinear`, ``IA3Linear``, ...). Modules inside a wrapper (its
-  ``base`` and anything below) are not listed, so a layer is never wrapped
-  twice by accident.
-  """
-  found = []
-  for path, mod in nnx.iter_modules(model):
-    path = tuple(path)
-    if not (isinstance(mod, nnx.Linear) or is_linear_wrapper(mod)):
-      continue
-    found.append(path)
-  found_set = set(found)
-  out = []
-  for path in found:
-    inside = any(path[:i] in found_set for i in range(len(path)))
-    if not inside:
-      out.append(path)
-  return out
-
-
-def _dotted(path: Sequence[Any]) -> str:
-  return '.'.join(str(p) for p in path)
-
-
-def _get_child(parent: Any, key: Any) -> Any:
-  if isinstance(parent, (nnx.List, list, nnx.Dict, dict)):
-    return parent[key]
-  return getattr(parent, key)
-
-
-def _set_child(parent: Any, key: Any, value: Any) -> None:
-  if isinstance(parent, (nnx.List, list, nnx.Dict, dict)):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
-
-
-def normalize_patterns(patterns: Sequence[str] | str, field: str) -> tuple:
-  """Returns ``patterns`` as a non-empty tuple of strings."""
-  if isinstance(patterns, str):
-    patterns = (patterns,)
-  patterns = tuple(patterns)
-  if not patterns or not all(isinstance(p, str) for p in patterns):
-    raise ValueError(
-        f'{field} must be a non-empty sequence of names or regexes, got '
-        f'{patterns!r}'
-    )
-  return patterns
-
-
-def matching_linear_paths(
-    model: nnx.Module, patterns: Sequence[str], field: str = 'target_modules'
-) -> list[tuple[Any, ...]]:
-  """Outermost linear layers whose path matches one of ``patterns``.
-
-  Raises:
-    ValueError: if no layer matches (the message lists the available paths).
-  """
-  candidates = linear_like_paths(model)
-  matched = [
-      p for p in candidates if any(path_matches(p, t) for t in patterns)
-  ]
-  if not matched:
-    available = ', '.join(_dotted(p) for p in candidates) or '(none)'
-    raise ValueError(
-        f'{field}={tuple(patterns)!r} matched no linear layer. Available '
-        f'linear paths: {available}'
-    )
-  return matched
-
-
-def wrap_linears(
-    model: nnx.Module,
-    paths: Sequence[tuple[Any, ...]],
-    make_wrapper: Callable[[tuple[Any, ...], Any], nnx.Module],
-) -> list[str]:
-  """Replaces, in place, the layer at each path by ``make_wrapper(path, layer)``.
-
-  Args:
-    model: the model to modify.
-    paths: attribute paths (as from :func:`linear_like_paths`).
-    make_wrapper: builds the replacement module from the path and the layer.
-
-  Returns:
-    The dotted paths of the replaced layers, in the given order.
-  """
-  replaced = []
-  for path in paths:
-    if not path:
-      raise ValueError('cannot wrap the root module itself')
-    parent = model
-    for key in path[:-1]:
-      parent = _get_child(parent, key)
-    layer = _get_child(parent, path[-1])
-    _set_child(parent, path[-1], make_wrapper(path, layer))
-    replaced.append(_dotted(path))
-  return replaced
-
-
-def _activation(name: str, x: jax.Array) -> jax.Array:
-  if name == 'gelu':
-    return jax.nn.gelu(x, approximate=False)
-  if name == 'gelu_new':
-    return jax.nn.gelu(x, approximate=True)
-  if name == 'relu':
-    return jax.nn.relu(x)
-  if name == 'silu':
-    return jax.nn.silu(x)
-  return jnp.tanh(x)
 
 
 def _check_hparams(bottleneck, activation, init_std):
@@ -276,7 +139,7 @@ class AdapterLinear(nnx.Module):
     dtype = y.dtype
     h = y @ self.down_kernel[...].astype(dtype) + self.down_bias[...].astype(
         dtype)
-    h = _activation(self.activation, h)
+    h = activation_fn(self.activation)(h)
     return y + (h @ self.up_kernel[...].astype(dtype)
                 + self.up_bias[...].astype(dtype))
 

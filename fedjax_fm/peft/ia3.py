@@ -29,13 +29,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_fm.peft.adapters import innermost_linear
-from fedjax_fm.peft.adapters import linear_like_paths
-from fedjax_fm.peft.adapters import matching_linear_paths
-from fedjax_fm.peft.adapters import normalize_patterns
-from fedjax_fm.peft.adapters import wrap_linears
-from fedjax_fm.peft.lora import linear_apply
-from fedjax_fm.peft.lora import path_matches
+from fedjax_fm.models.layers import linear_apply
+from fedjax_fm.peft.surgery import dotted
+from fedjax_fm.peft.surgery import innermost_linear
+from fedjax_fm.peft.surgery import linear_like_paths
+from fedjax_fm.peft.surgery import matching_linear_paths
+from fedjax_fm.peft.surgery import normalize_patterns
+from fedjax_fm.peft.surgery import path_matches
+from fedjax_fm.peft.surgery import wrap_linears
 
 __all__ = [
     'DEFAULT_IA3_FEEDFORWARD',
@@ -151,7 +152,7 @@ def apply_ia3(
     )
   is_ff = lambda p: any(path_matches(p, t) for t in feedforward_modules)
   stray = [
-      '.'.join(map(str, p)) for p in linear_like_paths(model)
+      dotted(p) for p in linear_like_paths(model)
       if is_ff(p) and not any(path_matches(p, t) for t in target_modules)
   ]
   if stray:

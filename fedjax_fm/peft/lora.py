@@ -13,13 +13,13 @@ The LoRA factors are ``nnx.LoRAParam`` variables while the base weights stay
 separate trainable from frozen state.
 
 :func:`apply_lora` replaces, in place, every ``nnx.Linear`` of a model whose
-attribute path matches one of the given patterns.
+attribute path matches one of the given patterns (see
+:mod:`fedjax_fm.peft.surgery`).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,47 +27,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_fm.models.layers import dropout
+from fedjax_fm.peft.surgery import match_paths
+from fedjax_fm.peft.surgery import normalize_patterns
+from fedjax_fm.peft.surgery import path_matches  # noqa: F401  (used by slora)
+from fedjax_fm.peft.surgery import wrap_linears
+
 __all__ = [
     'LoRALinear',
     'apply_lora',
-    'dropout',
-    'linear_apply',
     'linear_paths',
-    'path_matches',
 ]
-
-
-def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
-  """Inverted dropout driven by call-time ``rngs``.
-
-  Args:
-    x: input array.
-    rate: drop probability in ``[0, 1)``.
-    rngs: ``nnx.Rngs`` with a ``dropout`` stream (or a default stream). ``None``
-      means deterministic: ``x`` is returned unchanged.
-
-  Returns:
-    ``x`` with elements zeroed with probability ``rate`` and the rest scaled
-    by ``1 / (1 - rate)``.
-  """
-  if rngs is None or rate == 0.0:
-    return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(rngs.dropout(), keep, x.shape)
-  return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
-
-
-def linear_apply(layer: Any, x: jax.Array, rngs: nnx.Rngs | None = None):
-  """Calls a linear layer, passing ``rngs`` to layers that accept it.
-
-  Plain ``nnx.Linear`` layers are called as ``layer(x)``; wrappers such as
-  :class:`LoRALinear` (which may use dropout) are called as
-  ``layer(x, rngs=rngs)``. Models call their projections through this so that
-  LoRA dropout works after :func:`apply_lora` replaced their layers.
-  """
-  if isinstance(layer, nnx.Linear):
-    return layer(x)
-  return layer(x, rngs=rngs)
 
 
 class LoRALinear(nnx.Module):
@@ -151,57 +121,18 @@ def _check_hparams(rank, alpha, dropout_rate):
     raise ValueError(f'dropout must be in [0, 1), got {dropout_rate!r}')
 
 
-def _dotted(path: Sequence[Any]) -> str:
-  return '.'.join(str(p) for p in path)
-
-
-def path_matches(path: Sequence[Any], pattern: str, *, any_component=False):
-  """Whether a module/variable path matches a pattern.
-
-  A pattern matches if it equals the last path component (or any component,
-  with ``any_component=True``) or if ``re.fullmatch(pattern, dotted_path)``
-  succeeds, where ``dotted_path`` joins the components with ``'.'`` (e.g.
-  ``layers.0.attn.q_proj``).
-  """
-  parts = [str(p) for p in path]
-  if not parts:
-    return False
-  if any_component:
-    if pattern in parts:
-      return True
-  elif parts[-1] == pattern:
-    return True
-  try:
-    return re.fullmatch(pattern, '.'.join(parts)) is not None
-  except re.error:
-    return False
-
-
 def linear_paths(model: nnx.Module) -> list[tuple[Any, ...]]:
   """Paths of all plain ``nnx.Linear`` layers not already wrapped by LoRA."""
   wrapped = set()
   out = []
   modules = list(nnx.iter_modules(model))
-  for path, mod in modules:
+  for _, mod in modules:
     if isinstance(mod, LoRALinear):
       wrapped.add(id(mod.base))
   for path, mod in modules:
     if isinstance(mod, nnx.Linear) and id(mod) not in wrapped:
       out.append(tuple(path))
   return out
-
-
-def _get_child(parent: Any, key: Any) -> Any:
-  if isinstance(parent, (nnx.List, list, nnx.Dict, dict)):
-    return parent[key]
-  return getattr(parent, key)
-
-
-def _set_child(parent: Any, key: Any, value: Any) -> None:
-  if isinstance(parent, (nnx.List, list, nnx.Dict, dict)):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
 
 
 def apply_lora(
@@ -235,33 +166,12 @@ def apply_lora(
     ValueError: on invalid hyper-parameters or if no layer matched.
   """
   _check_hparams(rank, alpha, dropout)
-  if isinstance(target_modules, str):
-    target_modules = (target_modules,)
-  target_modules = tuple(target_modules)
-  if not target_modules:
-    raise ValueError('target_modules must name at least one module')
-  candidates = linear_paths(model)
-  matched = [
-      p for p in candidates if any(path_matches(p, t) for t in target_modules)
-  ]
-  if not matched:
-    available = ', '.join(_dotted(p) for p in candidates) or '(none)'
-    raise ValueError(
-        f'target_modules={target_modules!r} matched no nnx.Linear layer. '
-        f'Available Linear paths: {available}'
-    )
-  replaced = []
-  for path in matched:
-    if not path:
-      raise ValueError('cannot apply LoRA to the root module itself')
-    parent = model
-    for key in path[:-1]:
-      parent = _get_child(parent, key)
-    base = _get_child(parent, path[-1])
-    _set_child(
-        parent,
-        path[-1],
-        LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs),
-    )
-    replaced.append(_dotted(path))
-  return replaced
+  target_modules = normalize_patterns(target_modules, 'target_modules')
+  paths = match_paths(linear_paths(model), target_modules, what='nnx.Linear')
+  return wrap_linears(
+      model,
+      paths,
+      lambda path, base: LoRALinear(
+          base, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs
+      ),
+  )

@@ -8,55 +8,39 @@ Averaging the factors separately (FedIT) is *not* the average of the clients'
 weight updates: ``mean_i(A_i B_i) != mean(A_i) mean(B_i)``. The modes here
 trade exactness, communication and engine support:
 
-========  ==================================  ==================  ================
-mode      server result                       exact mean of AB?   contract
-========  ==================================  ==================  ================
-fedit     ``mean(A_i)``, ``mean(B_i)``        no                  streaming
-ffa       A frozen (shared), ``mean(B_i)``    yes                 streaming
-product   rank-r SVD of ``mean(A_i B_i)``     if rank <= r        stacked + params
-stack     ``mean(A_i B_i)`` merged into W     yes (any rank)      stacked + params
-========  ==================================  ==================  ================
+========  ==================================  ==================  ====================
+mode      server result                       exact mean of AB?   accumulator per pair
+========  ==================================  ==================  ====================
+fedit     ``mean(A_i)``, ``mean(B_i)``        no                  ``[in, P]`` probes
+ffa       A frozen (shared), ``mean(B_i)``    yes                 none
+product   rank-r SVD of ``mean(A_i B_i)``     if rank <= r        ``[in, out]``
+stack     ``mean(A_i B_i)`` merged into W     yes (any rank)      ``[in, out]``
+========  ==================================  ==================  ====================
 
-Leaves outside LoRA pairs (e.g. a classifier head) are always averaged with
-the weights. Clients with weight ``<= 0`` are ignored (their content, NaNs
-included, never reaches the result); with no valid client the aggregate is
-zero.
+Every mode is a *streaming* :class:`~fedjax_fm.aggregate.Aggregator`: the
+server's memory does not grow with the number of clients per round, so the
+``chunked`` and ``sharded`` strategies keep their memory bound. Leaves outside
+LoRA pairs (e.g. a classifier head) are always averaged with the weights.
+Clients with weight ``<= 0`` are ignored (their content, NaNs included, never
+reaches the result); with no valid client the aggregate is zero. Each mode
+reports ``lora_aggregation_error`` (``sum_pairs ||mean_i(A_i B_i) - A'B'||_F``)
+in its ``info``: a random-probe estimate with a standard error for ``fedit``,
+exact for the others.
 
-Engine wiring (``fedjax_fm/engine/round.py``):
+Engine wiring: ``build_round(..., aggregator=lora_aggregator(mode, ...))``.
+The delta is applied by the server optimizer; ``product`` and ``stack`` land on
+the intended factors only with FedAvg at server learning rate 1 (the config
+validation enforces it). For ``ffa`` first call ``split = freeze_lora_a(split)``
+so ``lora_a`` sits in the frozen dict. ``stack`` moves the frozen base: a
+fixed-shape round cannot grow the rank to ``sum_i r_i``, so the exact mean
+product is merged into the base weights (FLoRA's "merge and re-initialise"):
+the round keeps the merged total in ``ServerState.base_delta`` and clients
+train on ``merge_into_base(frozen, base_delta, alpha / rank)``.
 
-* ``fedit``, ``ffa``: :class:`~fedjax_fm.aggregate.StreamingAggregator`; pass
-  as ``build_round(..., aggregator=lora_aggregator('fedit'))``; works with every
-  strategy and server optimizer. For ``ffa`` first call
-  ``split = freeze_lora_a(split)`` so ``lora_a`` sits in the frozen dict.
-* ``product``, ``stack``: :class:`LoRAAggregator` whose
-  ``aggregate(updates, weights, params)`` also needs the current global
-  trainable params (the deltas alone do not determine the products). The
-  stacked branch of ``apply`` must call::
-
-    if getattr(aggregator, 'needs_params', False):
-      mean_delta = aggregator.aggregate(updates, weights, state.params)
-    else:
-      mean_delta = aggregator.aggregate(updates, weights)
-
-  The result is a delta: with FedAvg at server learning rate 1
-  (``optax.sgd(1.0)``) the new params are exactly the intended ones; other
-  server optimizers move towards them.
-* ``stack`` additionally changes the frozen base, which the round currently
-  treats as a constant input. A fixed-shape round cannot grow the rank to
-  ``sum_i r_i``, so the stacked modules are multiplied out and merged into the
-  base weights instead (FLoRA's "merge and re-initialise"). ``apply`` must
-  then return the new frozen dict (e.g. carry ``frozen`` in the server
-  state)::
-
-    delta_w = aggregator.products(updates, weights, state.params)
-    frozen = merge_into_base(frozen, delta_w, scaling=alpha / rank)
-    # aggregator.aggregate resets lora_b to 0 (delta -B), so that
-    # W' + s A B' = W + s mean_i(A_i B_i) exactly.
-
-  Heterogeneous client ranks are zero-padded to a common ``r`` and described
-  by a ``[C, r]`` mask (:func:`rank_mask`, passed as ``rank_mask=`` to
-  :func:`stack_products`); the clients must then keep their padded rank
-  components at zero (e.g. mask their optimizer updates).
+Heterogeneous client ranks are zero-padded to a common ``r`` and described by
+a ``[C, r]`` mask (:func:`rank_mask`, passed as ``rank_mask=`` to
+:func:`stack_products`); the clients must then keep their padded rank
+components at zero (e.g. mask their optimizer updates).
 
 References:
   * Zhang, Vahidian, Kuo, Li, Ruan, Zhang, Chen, Chen 2023, "Towards Building
@@ -78,12 +62,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_fm.aggregate.base import StreamingAggregator
+from fedjax_fm.aggregate.base import Aggregator
+from fedjax_fm.aggregate.base import BaseMerge
+from fedjax_fm.aggregate.base import streaming
 from fedjax_fm.aggregate.mean import weighted_mean
 from fedjax_fm.peft.split import Split
 
 __all__ = [
-    'LoRAAggregator',
     'MODES',
     'aggregation_error',
     'fedit',
@@ -104,24 +89,7 @@ __all__ = [
 MODES = ('fedit', 'ffa', 'product', 'stack')
 _A, _B = 'lora_a', 'lora_b'
 _SVD_METHODS = ('auto', 'dense', 'qr')
-
-
-class LoRAAggregator(NamedTuple):
-  """A stacked aggregator that also reads the global trainable params.
-
-  Attributes:
-    aggregate: ``aggregate(updates, weights, params) -> delta tree``; updates
-      are stacked ``[C, ...]`` deltas, weights ``[C]``, params the current
-      global trainable tree. The result has the structure of ``params``.
-    needs_params: always ``True``; tells the engine to pass ``params``.
-    products: for ``stack`` only, ``products(updates, weights, params) ->``
-      dense ``mean_i(A_i B_i)`` per pair (see :func:`stack_products`), to be
-      merged into the frozen base with :func:`merge_into_base`.
-  """
-
-  aggregate: Callable[[Any, jax.Array, Any], Any]
-  needs_params: bool = True
-  products: Callable[[Any, jax.Array, Any], Any] | None = None
+_ERROR_MODES = ('probe', 'exact', 'none')
 
 
 # --------------------------------------------------------------------------
@@ -557,19 +525,146 @@ def merge_into_base(frozen: Any, delta_w: Any, scaling: Any = 1.0) -> dict:
 
 
 # --------------------------------------------------------------------------
-# Aggregators.
+# Aggregators (streaming: memory flat in the number of clients).
 
 
-def fedit() -> StreamingAggregator:
+def _pair_leaves(params):
+  """``[(path, A [in, r], B [r, out])]`` of the trainable tree's LoRA pairs."""
+  return [(path, _get(params, path)[_A], _get(params, path)[_B])
+          for path in lora_pair_paths(params)]
+
+
+def _client_factors(params, updates, path, valid):
+  """Clients' local factors ``A_i [K, in, r]``, ``B_i [K, r, out]`` (f32, invalid: 0)."""
+  p, u = _get(params, path), _get(updates, path)
+  a_i = jnp.asarray(p[_A], jnp.float32) + u[_A].astype(jnp.float32)
+  b_i = jnp.asarray(p[_B], jnp.float32) + u[_B].astype(jnp.float32)
+  a_i = jnp.where(_bcast(valid, a_i), a_i, 0.0)
+  b_i = jnp.where(_bcast(valid, b_i), b_i, 0.0)
+  return a_i, b_i
+
+
+def _valid_weights(weights):
+  weights = jnp.asarray(weights, jnp.float32)
+  valid = weights > 0
+  return valid, jnp.where(valid, weights, 0.0)
+
+
+def _probe_matrix(path, dout, probes):
+  """Fixed Gaussian probes ``Z [out, P]`` of a pair (the same on every device)."""
+  key = jax.random.key(0)
+  for k in path:
+    key = jax.random.fold_in(key, hash(str(k)) % (2**31))
+  return jax.random.normal(key, (dout, probes), jnp.float32)
+
+
+def _mean_acc(params):
+  return weighted_mean().init(params)
+
+
+def _dense_sums(params):
+  out = {}
+  for path, a, b in _pair_leaves(params):
+    _set_in(out, path, jnp.zeros((a.shape[0], b.shape[1]), jnp.float32))
+  return out
+
+
+def _add_dense(sums, updates, valid, w, params):
+  out = {}
+  for path, _, _ in _pair_leaves(params):
+    a_i, b_i = _client_factors(params, updates, path, valid)
+    _set_in(out, path, _get(sums, path) + jnp.einsum('k,kir,kro->io', w, a_i, b_i))
+  return out
+
+
+def fedit(error: str = 'probe', probes: int = 16) -> Aggregator:
   """FedIT: weighted mean of ``lora_a`` and ``lora_b`` separately.
 
-  Simply the weighted mean of every trainable leaf, so it streams (chunked,
-  sharded). Its inexactness is measured by :func:`aggregation_error`.
+  The delta is the weighted mean of every trainable leaf, streamed (chunked,
+  sharded). Its distance from the exact mean of the clients' products,
+  ``sum_pairs ||mean_i(A_i B_i) - mean(A_i) mean(B_i)||_F``
+  (:func:`aggregation_error`), is reported in ``info`` without collecting the
+  clients:
+
+  * ``error='probe'``: an unbiased random-probe estimate. With fixed Gaussian
+    probes ``Z [out, P]`` the accumulator keeps ``sum_i w_i A_i (B_i Z)``
+    (``[in, P]`` per pair); at the end ``||M z_p||^2`` estimates ``||M||_F^2``
+    (Hutchinson), reported as ``lora_aggregation_error`` with its standard error
+    ``lora_aggregation_error_se`` (delta method, summed over pairs).
+  * ``error='exact'``: dense ``sum_i w_i A_i B_i`` accumulators (``[in, out]``
+    per pair; memory of the adapted kernels, still flat in clients).
+  * ``error='none'``: nothing beyond the mean.
+
+  Args:
+    error: ``'probe'``, ``'exact'`` or ``'none'``.
+    probes: number of probe vectors ``P`` for ``'probe'``.
 
   Returns:
-    A :class:`~fedjax_fm.aggregate.StreamingAggregator`.
+    A streaming :class:`~fedjax_fm.aggregate.Aggregator`.
   """
-  return weighted_mean()
+  if error not in _ERROR_MODES:
+    raise ValueError(f'error must be one of {_ERROR_MODES}, got {error!r}')
+  if not isinstance(probes, int) or probes < 2:
+    raise ValueError(f'probes must be an int >= 2, got {probes!r}')
+  mean = weighted_mean()
+
+  def init(params):
+    if error == 'none':
+      return mean.init(params), {}
+    if error == 'exact':
+      return mean.init(params), _dense_sums(params)
+    sums = {}
+    for path, a, _ in _pair_leaves(params):
+      _set_in(sums, path, jnp.zeros((a.shape[0], probes), jnp.float32))
+    return mean.init(params), sums
+
+  def accumulate(acc, updates, weights, params):
+    macc, sums = acc
+    macc = mean.accumulate(macc, updates, weights)
+    if error == 'none':
+      return macc, sums
+    valid, w = _valid_weights(weights)
+    if error == 'exact':
+      return macc, _add_dense(sums, updates, valid, w, params)
+    out = {}
+    for path, _, b in _pair_leaves(params):
+      a_i, b_i = _client_factors(params, updates, path, valid)
+      z = _probe_matrix(path, b.shape[-1], probes)
+      _set_in(out, path, _get(sums, path) + jnp.einsum(
+          'k,kir,krp->ip', w, a_i, jnp.einsum('kro,op->krp', b_i, z)))
+    return macc, out
+
+  def finalize(acc, params):
+    macc, sums = acc
+    delta, info = mean.finalize(macc)
+    if error == 'none':
+      return delta, info
+    wsum = info['total_weight']
+    safe = jnp.where(wsum > 0, wsum, 1.0)
+    err = jnp.zeros((), jnp.float32)
+    se = jnp.zeros((), jnp.float32)
+    for path, a, b in _pair_leaves(params):
+      node = _get(delta, path)
+      a_new = jnp.asarray(a, jnp.float32) + node[_A]
+      b_new = jnp.asarray(b, jnp.float32) + node[_B]
+      if error == 'exact':
+        m = _get(sums, path) / safe - a_new @ b_new
+        err = err + jnp.where(wsum > 0, jnp.linalg.norm(m), 0.0)
+        continue
+      z = _probe_matrix(path, b.shape[-1], probes)
+      mz = _get(sums, path) / safe - a_new @ (b_new @ z)
+      sq = jnp.sum(jnp.square(mz), axis=0)                 # [P]: ||M z_p||^2
+      est = jnp.mean(sq)
+      est_se = jnp.std(sq, ddof=1) / jnp.sqrt(float(probes))
+      root = jnp.sqrt(jnp.maximum(est, 0.0))
+      err = err + jnp.where(wsum > 0, root, 0.0)
+      se = se + jnp.where(wsum > 0, est_se / (2.0 * jnp.maximum(root, 1e-30)), 0.0)
+    info = dict(info, lora_aggregation_error=err)
+    if error == 'probe':
+      info['lora_aggregation_error_se'] = se
+    return delta, info
+
+  return streaming(init, accumulate, finalize, name='fedit')
 
 
 def _has_key(tree: Any, name: str) -> bool:
@@ -578,118 +673,158 @@ def _has_key(tree: Any, name: str) -> bool:
   return False
 
 
-def ffa() -> StreamingAggregator:
+def ffa() -> Aggregator:
   """FFA-LoRA: weighted mean of ``lora_b`` with ``lora_a`` frozen.
 
   With ``A`` shared and fixed, ``mean_i(A B_i) = A mean_i(B_i)``: averaging
-  ``B`` is the exact average of the products. Use
-  :func:`freeze_lora_a` on the split first; ``zero`` raises otherwise.
+  ``B`` is the exact average of the products (``lora_aggregation_error`` is 0).
+  Use :func:`freeze_lora_a` on the split first; ``init`` raises otherwise.
 
   Returns:
-    A :class:`~fedjax_fm.aggregate.StreamingAggregator`.
+    A streaming :class:`~fedjax_fm.aggregate.Aggregator`.
   """
   mean = weighted_mean()
 
-  def zero(params_like):
-    if _has_key(params_like, _A):
+  def init(params):
+    if _has_key(params, _A):
       raise ValueError(
           "lora aggregation mode 'ffa' needs lora_a frozen; call "
           'split = peft.freeze_lora_a(split) before building the round.'
       )
-    if not _has_key(params_like, _B):
+    if not _has_key(params, _B):
       raise ValueError(
           "lora aggregation mode 'ffa' found no lora_b in the trainable params"
       )
-    return mean.zero(params_like)
+    return mean.init(params)
 
-  return StreamingAggregator(zero, mean.accumulate, mean.finalize)
+  def finalize(acc, params=None):
+    delta, info = mean.finalize(acc)
+    return delta, dict(info, lora_aggregation_error=jnp.zeros((), jnp.float32))
+
+  return streaming(init, mean.accumulate, finalize, name='ffa')
 
 
-def product(method: str = 'auto') -> LoRAAggregator:
+def _dense_factors(m, rank):
+  """Balanced rank-``rank`` factors of dense ``m [..., in, out]`` (truncated SVD)."""
+  u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+  return _balanced(u, s, vt, rank)
+
+
+def product() -> Aggregator:
   """Exact product averaging re-factorised to rank ``r`` by truncated SVD.
 
-  For each pair the server forms ``M = mean_i(A_i B_i)`` and returns the delta
-  to ``A' = U_r sqrt(S_r)``, ``B' = sqrt(S_r) V_r^T`` (``M = U S V^T``), so
-  FedAvg at learning rate 1 lands exactly on ``(A', B')``: ``A' B' = M`` when
-  ``rank(M) <= r``, else its best rank-r approximation. Pairs of the same
-  shape are factorised in one batched SVD.
+  The accumulator keeps, per pair, the dense ``sum_i w_i A_i B_i`` (``[in, out]``,
+  flat in the number of clients). At the end the server forms
+  ``M = mean_i(A_i B_i)`` and returns the delta to ``A' = U_r sqrt(S_r)``,
+  ``B' = sqrt(S_r) V_r^T`` (``M = U S V^T``), so FedAvg at learning rate 1 lands
+  exactly on ``(A', B')``: ``A' B' = M`` when ``rank(M) <= r``, else its best
+  rank-r approximation, whose distance ``||M - A'B'||_F`` (summed over pairs) is
+  reported exactly as ``lora_aggregation_error``. Pairs of the same shape are
+  factorised in one batched SVD.
+
+  Returns:
+    A streaming :class:`~fedjax_fm.aggregate.Aggregator`.
+  """
+  mean = weighted_mean()
+
+  def init(params):
+    return mean.init(params), _dense_sums(params)
+
+  def accumulate(acc, updates, weights, params):
+    macc, sums = acc
+    valid, w = _valid_weights(weights)
+    return (mean.accumulate(macc, updates, weights),
+            _add_dense(sums, updates, valid, w, params))
+
+  def finalize(acc, params):
+    macc, sums = acc
+    out, info = mean.finalize(macc)
+    wsum = info['total_weight']
+    safe = jnp.where(wsum > 0, wsum, 1.0)
+    pairs = _pair_leaves(params)
+    groups: dict[Any, list[int]] = {}
+    for i, (_, a, b) in enumerate(pairs):
+      groups.setdefault((a.shape, b.shape), []).append(i)
+    err = jnp.zeros((), jnp.float32)
+    for (a_shape, _), idx in groups.items():
+      ms = jnp.stack([_get(sums, pairs[i][0]) / safe for i in idx])
+      new_a, new_b = _dense_factors(ms, a_shape[-1])
+      err = err + jnp.sum(jnp.linalg.norm(ms - new_a @ new_b, axis=(-2, -1)))
+      for j, i in enumerate(idx):
+        path, a, b = pairs[i]
+        node = _get(out, path)
+        for name, new, old in ((_A, new_a[j], a), (_B, new_b[j], b)):
+          node[name] = jnp.where(wsum > 0, new - jnp.asarray(old, jnp.float32), 0.0)
+    return out, dict(info, lora_aggregation_error=jnp.where(wsum > 0, err, 0.0))
+
+  return streaming(init, accumulate, finalize, name='product')
+
+
+def stack(scaling: float) -> Aggregator:
+  """FLoRA-style stacking: the exact product mean merged into the frozen base.
+
+  The accumulator keeps, per pair, the dense ``sum_i w_i A_i B_i`` (flat in the
+  number of clients); at the end ``info['base_delta']`` holds
+  ``M = mean_i(A_i B_i)`` and the delta averages the non-LoRA leaves, leaves
+  ``lora_a`` and resets ``lora_b`` to zero (delta ``-B``). The round adds ``M``
+  to ``ServerState.base_delta`` and clients train on
+  ``W + scaling * base_delta`` (:func:`merge_into_base`, inside the compiled
+  round, so a checkpoint of the state resumes bit-identically): the adapted
+  weight after the round is the exact weighted mean of the clients' adapted
+  weights, whatever the rank. When no client is valid nothing changes.
 
   Args:
-    method: SVD route of :func:`low_rank_factors` (``'auto'``, ``'dense'``,
-      ``'qr'``).
+    scaling: the LoRA scaling ``alpha / rank`` of the layers.
 
   Returns:
-    A :class:`LoRAAggregator`.
+    A streaming :class:`~fedjax_fm.aggregate.Aggregator` with a ``base``
+    (:class:`~fedjax_fm.aggregate.BaseMerge`).
   """
-  if method not in _SVD_METHODS:
-    raise ValueError(f'method must be one of {_SVD_METHODS}, got {method!r}')
+  mean = weighted_mean()
 
-  def aggregate(updates, weights, params):
-    valid, wn, total = _normalized_weights(weights)
-    out = _mean_tree(updates, valid, wn)
-    pairs = _pairs(updates, params, None)
-    groups: dict[Any, list[int]] = {}
-    for i, pair in enumerate(pairs):
-      groups.setdefault((pair.a.shape, pair.b.shape), []).append(i)
-    for (a_shape, _), idx in groups.items():
-      ps, qs = zip(*(_stacked_factors(pairs[i], valid, wn) for i in idx))
-      new_a, new_b = low_rank_factors(
-          jnp.stack(ps), jnp.stack(qs), a_shape[-1], method)
-      for j, i in enumerate(idx):
-        pair = pairs[i]
-        node = _get(out, pair.path)
-        for name, new, old in ((_A, new_a[j], pair.a), (_B, new_b[j], pair.b)):
-          delta = jnp.where(total > 0, new - old, 0.0)
-          node[name] = delta.astype(node[name].dtype)
-    return out
+  def init(params):
+    return mean.init(params), _dense_sums(params)
 
-  return LoRAAggregator(aggregate)
+  def accumulate(acc, updates, weights, params):
+    macc, sums = acc
+    valid, w = _valid_weights(weights)
+    return (mean.accumulate(macc, updates, weights),
+            _add_dense(sums, updates, valid, w, params))
 
-
-def stack() -> LoRAAggregator:
-  """FLoRA-style stacking: exact product mean merged into the base.
-
-  ``aggregate`` averages the non-LoRA leaves, leaves ``lora_a`` and resets
-  ``lora_b`` to zero (delta ``-B``); ``products`` (:func:`stack_products`)
-  gives the dense ``mean_i(A_i B_i)`` to merge into the frozen base with
-  :func:`merge_into_base` (see the module docstring for the engine wiring).
-  When no client is valid nothing changes.
-
-  Returns:
-    A :class:`LoRAAggregator` with ``products`` set.
-  """
-
-  def aggregate(updates, weights, params):
-    valid, wn, total = _normalized_weights(weights)
-    out = _mean_tree(updates, valid, wn)
-    for path in lora_pair_paths(params):
+  def finalize(acc, params):
+    macc, sums = acc
+    out, info = mean.finalize(macc)
+    wsum = info['total_weight']
+    safe = jnp.where(wsum > 0, wsum, 1.0)
+    base_delta = {}
+    for path, _, b in _pair_leaves(params):
       node = _get(out, path)
-      b = _get(params, path)[_B]
       node[_A] = jnp.zeros_like(node[_A])
-      node[_B] = jnp.where(total > 0, -b, 0.0).astype(node[_B].dtype)
-    return out
+      node[_B] = jnp.where(wsum > 0, -jnp.asarray(b, jnp.float32), 0.0)
+      _set_in(base_delta, path, jnp.where(wsum > 0, _get(sums, path) / safe, 0.0))
+    return out, dict(info, base_delta=base_delta)
 
-  def products(updates, weights, params, *, rank_mask=None, frozen=None):
-    return stack_products(updates, weights, params, rank_mask=rank_mask,
-                          frozen=frozen)
+  def merge(frozen, base_delta):
+    return merge_into_base(frozen, base_delta, scaling=scaling)
 
-  return LoRAAggregator(aggregate, products=products)
+  return streaming(init, accumulate, finalize, name='stack',
+                   base=BaseMerge(init=_dense_sums, apply=merge))
 
 
 _FACTORIES = {'fedit': fedit, 'ffa': ffa, 'product': product, 'stack': stack}
 
 
-def lora_aggregator(mode: str, **kwargs: Any):
+def lora_aggregator(mode: str, **kwargs: Any) -> Aggregator:
   """Builds the aggregator of a LoRA aggregation mode.
 
   Args:
     mode: one of :data:`MODES` (``'fedit'``, ``'ffa'``, ``'product'``,
       ``'stack'``).
-    **kwargs: options of the mode's factory (``product``: ``method``).
+    **kwargs: options of the mode's factory (``fedit``: ``error``, ``probes``;
+      ``stack``: ``scaling``).
 
   Returns:
-    A ``StreamingAggregator`` (fedit, ffa) or a :class:`LoRAAggregator`
-    (product, stack).
+    A streaming :class:`~fedjax_fm.aggregate.Aggregator`.
 
   Raises:
     ValueError: for an unknown mode or option.

@@ -3,8 +3,9 @@
 **Prompt tuning** (Lester, Al-Rfou, Constant 2021, "The Power of Scale for
 Parameter-Efficient Prompt Tuning", https://arxiv.org/abs/2104.08691) learns
 ``V`` soft-prompt embeddings that the decoder prepends to the token
-embeddings. :func:`apply_prompt_tuning` attaches a :class:`SoftPrompt` as the
-model's ``prompt`` child; the decoder gives the virtual tokens positions
+embeddings. :func:`apply_prompt_tuning` installs a :class:`SoftPrompt` in the
+decoder's ``prompt`` hook (``Decoder.prompt``, ``None`` by default); the
+decoder gives the virtual tokens positions
 ``0..V-1``, lets every real token attend to them, and returns logits for the
 real tokens only, so ``[B, L]`` in gives ``[B, L, vocab]`` out and
 ``causal_lm_task`` is unchanged.
@@ -13,7 +14,8 @@ real tokens only, so ``[B, L]`` in gives ``[B, L, vocab]`` out and
 Prompts for Generation", https://arxiv.org/abs/2101.00190) learns, for every
 attention layer, ``P`` key and value vectors prepended to that layer's
 keys/values (like a fixed ``past_key_values``). :func:`apply_prefix_tuning`
-attaches a :class:`PrefixKV` as ``layers.{i}.attn.prefix``. Prefix keys are
+installs a :class:`PrefixKV` in the ``prefix`` hook of every attention layer
+(``layers.{i}.attn.prefix``). Prefix keys are
 used as given (no RoPE is applied to them: they play the role of cached,
 already-rotated keys). An optional reparameterisation MLP
 (``reparam_hidden``) computes the prefix from a trainable embedding.
@@ -35,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from fedjax_fm.models.decoder import Decoder
 
 __all__ = [
     'PREFIX_INITS',
@@ -212,11 +216,10 @@ def _init_token_ids(model, n, token_ids, rngs):
 
 
 def _check_decoder(model, what):
-  if not (hasattr(model, 'embed') and hasattr(model, 'config') and
-          hasattr(model, 'layers')):
+  if not isinstance(model, Decoder):
     raise ValueError(
-        f'{what} needs a fedjax_fm.models.Decoder (with embed, layers and '
-        f'config), got {type(model).__name__}'
+        f'{what} needs a fedjax_fm.models.Decoder (whose prompt/prefix hooks '
+        f'it sets), got {type(model).__name__}'
     )
 
 
@@ -252,7 +255,7 @@ def apply_prompt_tuning(
   """
   _check_common(num_virtual_tokens, init, PROMPT_INITS, init_std)
   _check_decoder(model, 'apply_prompt_tuning')
-  if getattr(model, 'prompt', None) is not None:
+  if model.prompt is not None:
     raise ValueError('the model already has a soft prompt (model.prompt)')
   table = model.embed.embedding[...]
   n, dim = int(num_virtual_tokens), table.shape[1]
@@ -305,15 +308,14 @@ def apply_prefix_tuning(
   _check_reparam(reparam_hidden)
   _check_decoder(model, 'apply_prefix_tuning')
   attns = [layer.attn for layer in model.layers]
-  if any(getattr(a, 'prefix', None) is not None for a in attns):
+  if any(a.prefix is not None for a in attns):
     raise ValueError('the model already has prefixes (layers[i].attn.prefix)')
   n = int(num_virtual_tokens)
   cfg = model.config
   dtype = cfg.param_dtype
   if init == 'vocab':
     ids = _init_token_ids(model, n, token_ids, rngs)
-    prompt = getattr(model, 'prompt', None)
-    nv = 0 if prompt is None else prompt.num_virtual_tokens
+    nv = model.num_virtual_tokens
     if nv + n > cfg.max_len:
       raise ValueError(
           f"init='vocab' needs num_virtual_tokens ({n}) + soft prompt ({nv}) "

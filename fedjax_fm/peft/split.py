@@ -19,9 +19,9 @@ from flax import nnx
 
 from fedjax_fm.peft.adapters import AdapterParam
 from fedjax_fm.peft.ia3 import IA3Param
-from fedjax_fm.peft.lora import path_matches
 from fedjax_fm.peft.prompt import PrefixParam
 from fedjax_fm.peft.prompt import PromptParam
+from fedjax_fm.peft.surgery import path_matches
 
 __all__ = [
     'METHODS',

@@ -28,7 +28,7 @@ Engine wiring::
   dp = gaussian_dp(clip_norm=1.0, noise_multiplier=1.0)
   update, norm = dp.clip(delta)                        # per client, in vmap
   weights = dp.uniform_weights(round_data['weight'])   # 1 per real client
-  mean = fixed_denominator_mean(expected_clients)      # StreamingAggregator
+  mean = fixed_denominator_mean(expected_clients)      # a streaming Aggregator
   noisy = dp.noise(key, mean, expected_clients)        # once, on the server
 
 If the engine aggregates a *sum* instead of a mean, call
@@ -48,7 +48,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_fm.aggregate.base import StreamingAggregator
+from fedjax_fm.aggregate import base as aggregate_base
 from fedjax_fm.privacy import clipping
 
 
@@ -167,7 +167,7 @@ def add_gaussian_noise(key, tree, stddev):
   return jax.tree.unflatten(treedef, noisy)
 
 
-def fixed_denominator_mean(expected_clients: float) -> StreamingAggregator:
+def fixed_denominator_mean(expected_clients: float) -> aggregate_base.Aggregator:
   """Streaming ``sum_i [w_i > 0] u_i / expected_clients`` (DP-FedAvg's mean).
 
   Every participating client (positive weight) counts 1 whatever its weight;
@@ -180,7 +180,7 @@ def fixed_denominator_mean(expected_clients: float) -> StreamingAggregator:
     expected_clients: Expected number of clients per round (> 0).
 
   Returns:
-    A `StreamingAggregator`; ``finalize`` reports ``num_clients`` (the realised
+    A streaming `Aggregator`; ``finalize`` reports ``num_clients`` (the realised
     count, which is *not* private under Poisson sampling: do not publish it).
 
   Raises:
@@ -190,12 +190,12 @@ def fixed_denominator_mean(expected_clients: float) -> StreamingAggregator:
     raise ValueError(
         f'expected_clients must be > 0; got {expected_clients!r}.')
 
-  def zero(params_like):
-    return (jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32),
-                         params_like),
+  def init(params):
+    return (jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params),
             jnp.zeros((), jnp.float32))
 
-  def accumulate(acc, updates, weights):
+  def accumulate(acc, updates, weights, params=None):
+    del params
     total, count = acc
     live = jnp.asarray(weights) > 0
     ones = live.astype(jnp.float32)
@@ -208,9 +208,10 @@ def fixed_denominator_mean(expected_clients: float) -> StreamingAggregator:
     total = jax.tree.map(add, total, updates)
     return total, count + jnp.sum(ones)
 
-  def finalize(acc):
+  def finalize(acc, params=None):
+    del params
     total, count = acc
     mean = jax.tree.map(lambda t: t / expected_clients, total)
-    return mean, {'num_clients': count}
+    return mean, {'num_clients': count, 'total_weight': count}
 
-  return StreamingAggregator(zero, accumulate, finalize)
+  return aggregate_base.streaming(init, accumulate, finalize, name='fixed_denominator_mean')

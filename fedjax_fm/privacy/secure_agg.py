@@ -54,6 +54,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from fedjax_fm.aggregate import base as aggregate_base
+
 MODULUS_BITS = 32
 
 
@@ -302,8 +304,8 @@ def secure_sum(key, updates, dropped, *, clip_range: float,
   return dequantize(unmask_sum(masked, dropped, client_ids, seeds), scale)
 
 
-def secure_mean(clip_range: float, *, seed: int = 0):
-  """A stacked aggregator that averages through simulated secure aggregation.
+def secure_mean(clip_range: float, *, seed: int = 0) -> aggregate_base.Aggregator:
+  """A whole-round aggregator that averages through simulated secure aggregation.
 
   Each round the live clients (weight > 0) quantize their updates, add pairwise
   masks and the server unmasks only the sum (`secure_sum`), then divides by the
@@ -317,14 +319,14 @@ def secure_mean(clip_range: float, *, seed: int = 0):
       on them by key exchange).
 
   Returns:
-    A `fedjax_fm.aggregate.StackedAggregator`.
+    A whole-round `fedjax_fm.aggregate.Aggregator`.
   """
-  from fedjax_fm.aggregate.robust import StackedAggregator  # pylint: disable=g-import-not-at-top
 
-  def aggregate(updates, weights):
+  def aggregate(updates, weights, params=None):
+    del params
     live = jnp.asarray(weights) > 0
     total = secure_sum(jax.random.key(seed), updates, ~live, clip_range=clip_range)
     count = jnp.maximum(jnp.sum(live.astype(jnp.float32)), 1.0)
-    return jax.tree.map(lambda t: t / count, total)
+    return jax.tree.map(lambda t: t / count, total), {'total_weight': count}
 
-  return StackedAggregator(aggregate)
+  return aggregate_base.whole_round(aggregate, name='secure_mean')

@@ -19,7 +19,7 @@ and BERT:
 * :func:`export_hf_checkpoint` writes the full weights (LoRA merged into the
   base kernels) with HF names and layouts plus ``config.json``, loadable with
   ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` (``AutoModel``
-  for BERT) and with :func:`fedjax_fm.models.hf.from_pretrained`.
+  for BERT) and with :func:`fedjax_fm.hf.from_pretrained`.
 
 Only LoRA factors are exported; other trained parameters (a classifier head
 from ``extra_trainable``) have no HF PEFT counterpart here.
@@ -38,8 +38,17 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from fedjax_fm.models import hf
+from fedjax_fm.hf.configs import decoder_config_to_hf
+from fedjax_fm.hf.configs import encoder_config_to_hf
+from fedjax_fm.hf.configs import family_of
+from fedjax_fm.hf.configs import family_of_model_type
+from fedjax_fm.hf.configs import gpt2_config_to_hf
+from fedjax_fm.hf.hub import load_hf_config
+from fedjax_fm.hf.weights import WeightSlot
+from fedjax_fm.hf.weights import hf_module_name
+from fedjax_fm.hf.weights import hf_weight_slots
 from fedjax_fm.peft.lora import LoRALinear
+from fedjax_fm.peft.surgery import dotted
 
 __all__ = [
     'HF_FAMILIES',
@@ -74,14 +83,14 @@ def _as_model(model_or_split: Any) -> nnx.Module:
 
 
 def _resolve_family(model: nnx.Module, hf_family: str | None) -> str:
-  family = hf.family_of(model)
+  family = family_of(model)
   if hf_family is None:
     return family
   if hf_family not in HF_FAMILIES:
     raise ValueError(
         f'hf_family must be one of {HF_FAMILIES}, got {hf_family!r}'
     )
-  if hf.family_of_model_type(hf_family) != family:
+  if family_of_model_type(hf_family) != family:
     raise ValueError(
         f'hf_family={hf_family!r} does not fit a {type(model).__name__} '
         f'(its weights use {family} names)'
@@ -93,7 +102,7 @@ def _numpy(variable: nnx.Variable) -> np.ndarray:
   return np.asarray(variable[...])
 
 
-def _slot_value(slot: hf.WeightSlot) -> np.ndarray:
+def _slot_value(slot: WeightSlot) -> np.ndarray:
   value = _numpy(slot.variable)
   lora = slot.lora
   if lora is not None:  # merge W + A @ B * alpha / r, in float32
@@ -119,7 +128,7 @@ def hf_state_dict(
     ``{hf_name: np.ndarray}`` in the parameter dtype.
   """
   groups = collections.defaultdict(list)
-  for slot in hf.hf_weight_slots(model, family):
+  for slot in hf_weight_slots(model, family):
     groups[slot.hf_key].append(slot)
   out = {}
   for key, slots in groups.items():
@@ -143,21 +152,13 @@ def hf_state_dict(
 
 
 def _default_model_type(model: nnx.Module) -> str:
-  family = hf.family_of(model)
+  family = family_of(model)
   if family != 'llama':
     return family
   cfg = model.config
   if cfg.attention_bias and not cfg.attention_out_bias and not cfg.mlp_bias:
     return 'qwen2'
   return 'llama'
-
-
-def _read_json(source) -> dict[str, Any]:
-  path = os.fspath(source)
-  if os.path.isdir(path):
-    path = os.path.join(path, 'config.json')
-  with open(path) as f:
-    return json.load(f)
 
 
 def hf_config_for(
@@ -184,18 +185,18 @@ def hf_config_for(
   """
   base = {}
   if hf_config is not None:
-    base = dict(hf_config) if isinstance(hf_config, Mapping) else _read_json(
-        hf_config)
+    base = (dict(hf_config) if isinstance(hf_config, Mapping)
+            else load_hf_config(hf_config))
   model_type = (model_type or base.get('model_type')
                 or _default_model_type(model))
   family = _resolve_family(model, model_type)
   cfg = model.config
   if family == 'llama':
-    arch = hf.decoder_config_to_hf(cfg, model_type)
+    arch = decoder_config_to_hf(cfg, model_type)
   elif family == 'gpt2':
-    arch = cfg.to_hf()
+    arch = gpt2_config_to_hf(cfg)
   else:
-    arch = hf.encoder_config_to_hf(cfg)
+    arch = encoder_config_to_hf(cfg)
   for stale in ('rope_scaling', '_name_or_path'):
     base.pop(stale, None)
   base.update(arch)
@@ -287,7 +288,7 @@ def export_hf_checkpoint(
   """
   model = _as_model(model)
   config = hf_config_for(model, hf_config, model_type=model_type)
-  family = hf.family_of_model_type(config['model_type'])
+  family = family_of_model_type(config['model_type'])
   tensors = hf_state_dict(model, family)
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -323,7 +324,7 @@ def lora_adapter_state(
       the q/k/v LoRAs fused into GPT-2's ``c_attn`` have different
       ``alpha / rank``.
   """
-  family = family or hf.family_of(model)
+  family = family or family_of(model)
   modules = list(nnx.iter_modules(model))
   groups = collections.OrderedDict()
   all_linear = set()
@@ -331,7 +332,7 @@ def lora_adapter_state(
     if not isinstance(module, nnx.Linear):
       continue
     try:
-      name, _, _ = hf.hf_module_name(family, path)
+      name, _, _ = hf_module_name(family, path)
     except ValueError:  # e.g. the inner layers of a bottleneck adapter
       continue
     if name is not None:
@@ -339,13 +340,12 @@ def lora_adapter_state(
   for path, module in modules:
     if not isinstance(module, LoRALinear):
       continue
-    dotted = '.'.join(str(p) for p in path)
-    name, _, chunk = hf.hf_module_name(family, path)
+    name, _, chunk = hf_module_name(family, path)
     if name is None:
       raise ValueError(
-          f'LoRA on {dotted!r} has no Hugging Face {family} counterpart'
+          f'LoRA on {dotted(path)!r} has no Hugging Face {family} counterpart'
       )
-    groups.setdefault(name, []).append((chunk, module, dotted))
+    groups.setdefault(name, []).append((chunk, module, dotted(path)))
   if not groups:
     raise ValueError(
         'the model has no LoRALinear layer; apply fedjax_fm.peft.apply_lora '
@@ -353,8 +353,8 @@ def lora_adapter_state(
     )
   tensors, per_module, dropouts = {}, {}, {}
   for name, items in sorted(groups.items()):
-    for _, module, dotted in items:
-      dropouts[dotted] = module.dropout_rate
+    for _, module, path in items:
+      dropouts[path] = module.dropout_rate
     if items[0][0] is None:
       (_, module, _), = items
       a = _numpy(module.lora_a).T
@@ -362,7 +362,7 @@ def lora_adapter_state(
       rank, alpha = module.rank, module.alpha
     else:
       count = items[0][0][1]
-      scalings = {dotted: m.scaling for _, m, dotted in items}
+      scalings = {path: m.scaling for _, m, path in items}
       if len(set(scalings.values())) > 1:
         raise ValueError(
             f'HF fuses {sorted(scalings)} into {name}; their LoRA scalings '

@@ -1,0 +1,126 @@
+"""The per-client uplink path: a chain of pure steps between training and aggregation.
+
+After local training, each client's delta goes through a chain of steps, the
+optax way: every step is a pair of pure functions, and `chain` composes them::
+
+  init(params_like) -> state                       # per-client state, kept in the store
+  apply(key, update, weight, state, inputs)
+      -> (update, weight, state, metrics)          # one client (the engine vmaps it)
+
+``inputs`` holds the per-client round inputs a step may read (``clip_norm``,
+``attacker``). The default chain of `fedjax_fm.engine.build_round` is::
+
+  clip (DP) -> compress (encode, decode; the payload is what crosses the wire)
+            -> attack (simulated malicious clients) -> non-finite guard (weight 0)
+
+A step's state (e.g. a compressor's error-feedback residual) lives in
+``ServerState.client_store``, gathered and scattered by client id inside the
+compiled round.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_fm import tree_util
+from fedjax_fm.aggregate import attacks as attacks_lib
+from fedjax_fm.compress import base as compress_base
+
+
+class UplinkStep(NamedTuple):
+  """One pure step of the uplink path (see the module docstring)."""
+  init: Callable[[Any], Any]
+  apply: Callable[..., tuple[Any, jax.Array, Any, dict]]
+  name: str = ''
+
+
+def _no_state(params_like):
+  del params_like
+  return ()
+
+
+def clip(privacy) -> UplinkStep:
+  """Client-level DP clipping to ``inputs['clip_norm']`` (``privacy.clip``).
+
+  Reports ``unclipped`` (the update's norm was within the bound).
+  """
+
+  def apply(key, update, weight, state, inputs):
+    del key
+    update, norm = privacy.clip(update, clip_norm=inputs['clip_norm'])
+    return update, weight, state, {'unclipped': norm <= inputs['clip_norm']}
+
+  return UplinkStep(_no_state, apply, 'clip')
+
+
+def compress(compressor: compress_base.Compressor) -> UplinkStep:
+  """Encodes the update into its wire payload and decodes what the server receives.
+
+  The compressor's state (error feedback, warm starts) is the step's state.
+  """
+
+  def apply(key, update, weight, state, inputs):
+    del inputs
+    payload, state = compressor.encode(key, update, state)
+    return compressor.decode(payload), weight, state, {}
+
+  return UplinkStep(compressor.init, apply, 'compress')
+
+
+def attack(kind: str, scale: float) -> UplinkStep:
+  """Simulated malicious clients: where ``inputs['attacker']`` is set the update is
+  corrupted (`fedjax_fm.aggregate.apply_attack`), with key ``fold_in(key, 1)``."""
+
+  def apply(key, update, weight, state, inputs):
+    bad = attacks_lib.apply_attack(jax.tree.map(lambda u: u[None], update),
+                                   inputs['attacker'][None], kind, scale=scale,
+                                   key=jax.random.fold_in(key, 1))
+    return jax.tree.map(lambda u: u[0], bad), weight, state, {}
+
+  return UplinkStep(_no_state, apply, 'attack')
+
+
+def guard_nonfinite() -> UplinkStep:
+  """Drops (weight 0, update zeroed) a client whose update has a NaN or an Inf.
+
+  Reports ``finite``.
+  """
+
+  def apply(key, update, weight, state, inputs):
+    del key, inputs
+    finite = tree_util.tree_all_finite(update)
+    update = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), update)
+    return update, jnp.where(finite, weight, 0.0), state, {'finite': finite}
+
+  return UplinkStep(_no_state, apply, 'guard_nonfinite')
+
+
+def chain(*steps: UplinkStep) -> UplinkStep:
+  """Composes steps left to right.
+
+  The state is a dict ``{step name: state}`` (e.g. ``{'compress': ...}``) of
+  the steps that have one. Every step receives the same key (a step derives its
+  own stream from it).
+  """
+  names = [step.name or f'step_{i}' for i, step in enumerate(steps)]
+  if len(set(names)) != len(names):
+    raise ValueError(f'uplink steps need distinct names, got {names}')
+
+  def init(params_like):
+    states = {n: step.init(params_like) for n, step in zip(names, steps)}
+    return {n: s for n, s in states.items() if jax.tree.leaves(s)}
+
+  def apply(key, update, weight, state, inputs):
+    new_state, metrics = {}, {}
+    for n, step in zip(names, steps):
+      s = state.get(n, ())
+      update, weight, s, m = step.apply(key, update, weight, s, inputs)
+      if n in state:
+        new_state[n] = s
+      metrics.update(m)
+    return update, weight, new_state, metrics
+
+  return UplinkStep(init, apply, 'chain')

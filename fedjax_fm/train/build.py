@@ -1,0 +1,221 @@
+"""Builds an experiment from its config: the only code that reads the config.
+
+`build_experiment(config, workdir)` validates the config and builds the task
+data, the model and its PEFT split, the federated round (aggregator, privacy,
+compression, pruning) and the evaluator. Each family of named parts is a
+registry (`fedjax_fm.train.registries`) that `config.validate` reads too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from fedjax_fm import aggregate as aggregate_lib
+from fedjax_fm import compress as compress_lib
+from fedjax_fm import config as config_lib
+from fedjax_fm import engine
+from fedjax_fm import evaluation
+from fedjax_fm import models
+from fedjax_fm import peft
+from fedjax_fm import privacy as privacy_lib
+from fedjax_fm import sharding
+from fedjax_fm.engine import memory as memory_lib
+from fedjax_fm.engine import sampling
+from fedjax_fm.train import registries
+from fedjax_fm.train.evaluate import make_evaluator
+from fedjax_fm.train.logs import log
+from fedjax_fm.train.task_data import TaskData
+from fedjax_fm.train.task_data import build_task_data
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything `run` builds, exposed for tests, notebooks and scripts."""
+  config: ml_collections.ConfigDict
+  data: TaskData
+  split: peft.Split
+  task: models.Task
+  fed_round: engine.FederatedRound
+  evaluate: Callable[[Any], dict[str, float]]
+  round_data: Callable[[int], dict]
+  mesh: Any = None
+  accountant: Any = None    # privacy accountant (host side), when DP is on
+
+
+# -------------------------------------------------------------------- model
+
+def build_model(config, task_data: TaskData):
+  """Returns (nnx model, Task) for the config (`registries.MODELS`)."""
+  return registries.MODELS[config.model.kind](config, task_data)
+
+
+def build_split(config, model) -> peft.Split:
+  """The trainable/frozen split of the PEFT route (`registries.PEFT_METHODS`).
+
+  For ``slora`` this is its first stage (sparse fine-tuning).
+  """
+  return registries.PEFT_METHODS[config.peft.method](config, model)
+
+
+# ------------------------------------------------------------------- build
+
+def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = None,
+                     mesh=None, *, model=None, task_data: TaskData | None = None,
+                     validate: bool = True) -> Experiment:
+  """Validates the config and builds data, model split, round and evaluator.
+
+  Args:
+    config: the experiment config.
+    workdir: where a trained tokenizer is written (default: the current directory).
+    mesh: a ``(clients, model)`` mesh; with ``fl.strategy="sharded"`` and none
+      given, one over all (global) devices, the frozen base sharded over
+      ``model`` (``fl.model_axis`` devices).
+    model: an nnx model that already carries its LoRA (the second stage of
+      SLoRA: LoRA initialised from the first stage's update); its LoRA split is
+      trained.
+    task_data: reuse already built task data (a later stage of the same run).
+    validate: validate the config first.
+
+  Returns:
+    An `Experiment`.
+  """
+  f = config.fl
+  if f.strategy == 'sharded' and mesh is None:
+    config_lib.validate(config, num_devices=max(jax.device_count() // f.model_axis, 1))
+    mesh = sharding.make_mesh(model=f.model_axis)
+  num_devices = mesh.shape['clients'] if mesh is not None else None
+  if validate:
+    config_lib.validate(config, num_devices=num_devices)
+  if task_data is None:
+    task_data = build_task_data(config, workdir or '.')
+    if config.eval.federated_test_fraction:
+      train_ds, test_ds = evaluation.split_clients(
+          task_data.train, config.eval.federated_test_fraction, config.seed)
+      task_data = dataclasses.replace(task_data, train=train_ds, client_test=test_ds)
+  p = config.peft
+  sparse_stage = p.method == 'slora' and model is None
+  if model is None:
+    model, task = build_model(config, task_data)
+    split = build_split(config, model)
+  else:   # a model that already carries its LoRA (SLoRA's second stage)
+    task = registries.task_of(config)
+    split = peft.split_model(model, 'lora', extra_trainable=tuple(p.extra_trainable))
+  loss_fn = models.make_loss_fn(split.graphdef, task)
+  population = task_data.train.num_clients
+
+  # ---- privacy
+  dp, adaptive, noise_multiplier = None, None, 0.0
+  pv = config.privacy
+  if pv.enabled:
+    noise_multiplier = pv.noise_multiplier
+    if pv.target_epsilon:   # calibrated over all the run's rounds (every stage)
+      noise_multiplier = privacy_lib.noise_multiplier_for_epsilon(
+          pv.target_epsilon, f.clients_per_round / population, config.num_rounds, pv.delta,
+          accountant=pv.accountant, sampling='fixed', population=population)
+    dp = privacy_lib.gaussian_dp(pv.clip_norm, noise_multiplier, per_layer=pv.per_layer)
+    if pv.adaptive:
+      adaptive = privacy_lib.quantile_adaptive_clip(pv.target_quantile,
+                                                    learning_rate=pv.clip_learning_rate)
+
+  # ---- aggregation, attacks, compression, pruning
+  aggregator = registries.AGGREGATORS[config.aggregator.name](config.aggregator, config.seed)
+  if p.method in ('lora', 'slora') and not sparse_stage:
+    aggregator = registries.LORA_AGGREGATION[p.lora_aggregation](p)
+  attack = None
+  attackers = np.zeros(population, bool)
+  if config.attack.kind != 'none':
+    attack = (config.attack.kind, config.attack.scale)
+    attackers = aggregate_lib.choose_attackers(population, config.attack.fraction,
+                                               seed=config.seed)
+  uplink, downlink = build_compressors(config)
+  pruning = None
+  if config.prune.enabled:
+    pruning = engine.Pruning(scores=config.prune.regrow_fraction > 0)
+
+  # ---- optimizers
+  client_tx = registries.CLIENT_OPTIMIZERS[config.client_optimizer.name](
+      config.client_optimizer)
+  if sparse_stage:   # SLoRA stage 1: sparse fine-tuning
+    sparse_masks = peft.slora.sparse_masks(split.trainable, p.slora_density, config.seed,
+                                           keep_dense=tuple(p.extra_trainable))
+    client_tx = optax.chain(client_tx, peft.slora.mask_updates(sparse_masks))
+  server_tx = registries.SERVER_OPTIMIZERS[config.server_optimizer.name](
+      config.server_optimizer)
+
+  def make_round(chunk_size):
+    return engine.build_round(
+        loss_fn, split.trainable, client_optimizer=client_tx, server_optimizer=server_tx,
+        num_clients=population, strategy=f.strategy, chunk_size=chunk_size,
+        mesh=mesh, prox_mu=f.prox_mu, aggregator=aggregator, privacy=dp,
+        adaptive_clip=adaptive, attack=attack, compressor=uplink,
+        downlink_compressor=downlink, pruning=pruning)
+
+  if mesh is not None:
+    split = split._replace(frozen=sharding.shard_frozen(split.frozen, mesh))
+  evaluate = make_evaluator(split, task, task_data.eval, config.eval.batch_size,
+                            config.eval.max_examples)
+  groups = mesh.shape['clients'] if f.strategy == 'sharded' else 1
+  chunk_size = f.chunk_size
+  if f.strategy != 'vmap' and chunk_size == 0:
+    # Largest chunk whose compiled round fits the memory budget (XLA's analysis).
+    per_group = -(-f.clients_per_round // groups)
+    sample = task_data.train.round_batch(
+        np.arange(per_group * groups) % task_data.train.num_clients, f.local_steps,
+        f.batch_size, seed=config.seed)
+    like = memory_lib.shapes_of(sample)
+    state_like = jax.eval_shape(make_round(1).init, split.trainable, jax.random.key(0))
+    budget = (f.memory_budget_mb or 2048) * 2**20
+    chunk_size = memory_lib.choose_chunk_size(make_round, state_like,
+                                              memory_lib.shapes_of(split.frozen), like,
+                                              budget, clients_per_device=per_group)
+    log(f'chunk_size={chunk_size}: the largest fitting {budget / 2**20:.0f} MiB of '
+        f'temporaries per device')
+  fed_round = make_round(chunk_size)
+  multiple = 1 if f.strategy == 'vmap' else chunk_size * groups
+  padded_clients = -(-f.clients_per_round // multiple) * multiple
+
+  def round_data(round_idx: int) -> dict:
+    ids = sampling.sample_clients(task_data.train.num_clients, f.clients_per_round,
+                                  seed=config.seed, round_idx=round_idx)
+    data = task_data.train.round_batch(ids, f.local_steps, f.batch_size, seed=config.seed,
+                                       round_idx=round_idx, max_epochs=f.max_epochs,
+                                       pad_clients_to=padded_clients)
+    if attack is not None:
+      data['attacker'] = attackers[data['client_id']] & data['client_mask']
+    if mesh is not None and jax.process_count() > 1:
+      # Every process derives the same round from the seed and materialises only
+      # the clients of its own devices into one global array.
+      data = sharding.global_round_data(data, mesh)
+    return data
+
+  accountant = None
+  if dp is not None:
+    accountant = privacy_lib.Accountant(
+        noise_multiplier, f.clients_per_round / population, pv.delta,
+        accountant=pv.accountant, sampling='fixed', population=population)
+  return Experiment(config=config, data=task_data, split=split, task=task,
+                    fed_round=fed_round, evaluate=evaluate, round_data=round_data,
+                    mesh=mesh, accountant=accountant)
+
+
+def build_compressors(config):
+  """(uplink, downlink) compressors from ``config.compress`` (None: no compression)."""
+  x = config.compress
+
+  def one(name, fraction, bits):
+    if name == 'identity':
+      return None
+    return registries.COMPRESSORS[name](x, fraction, bits)
+
+  up = one(x.uplink, x.fraction, x.bits)
+  if up is not None and x.then != 'none':
+    up = compress_lib.chain(up, registries.QUANTIZERS[x.then](x, x.fraction, x.then_bits))
+  if up is not None and x.error_feedback:
+    up = compress_lib.error_feedback(up)
+  return up, one(x.downlink, x.downlink_fraction, x.downlink_bits)

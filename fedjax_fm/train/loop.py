@@ -1,0 +1,309 @@
+"""``run(config, workdir)``: build an experiment from its config and train it.
+
+One linear loop, split by banner comments: build -> before (or resume) ->
+rounds (progress bar, one log line per round, JSONL metrics, checkpoints) ->
+per-client and generative evaluation -> summary. SLoRA is a second *stage* of
+the same loop: after its sparse rounds, LoRA is initialised from the sparse
+update and the rounds go on (one metrics file, one accountant, one summary).
+The library never reads flags; `experiments/main.py` turns flags into the
+ConfigDict handed to `run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from fedjax_fm import checkpoint as checkpoint_lib
+from fedjax_fm import data as data_lib
+from fedjax_fm import peft
+from fedjax_fm import prune as prune_lib
+from fedjax_fm import sharding
+from fedjax_fm import tree_util
+from fedjax_fm.train import logs
+from fedjax_fm.train.build import Experiment
+from fedjax_fm.train.build import build_experiment
+from fedjax_fm.train.evaluate import evaluate_clients
+from fedjax_fm.train.evaluate import evaluate_generation
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """What a run carries across rounds and stages (checkpointed as JSON extras)."""
+  before: dict
+  last_eval: dict
+  total_up: int = 0
+  total_down: int = 0
+  compile_s: float = 0.0
+  stage_after: dict = dataclasses.field(default_factory=dict)
+
+  def extras(self) -> dict:
+    return dict(before=self.before, last_eval=self.last_eval, total_up=self.total_up,
+                total_down=self.total_down, stage_after=self.stage_after)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains a federated experiment and writes its metrics into ``workdir``.
+
+  Writes ``workdir/metrics.jsonl`` (one JSON object per round),
+  ``workdir/summary.json`` and orbax checkpoints under ``workdir/checkpoints``;
+  rerunning with the same workdir resumes from the latest checkpoint.
+
+  Returns:
+    The summary: held-out metrics before and after, totals and timings.
+  """
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  # ---- build
+  exp = build_experiment(config, workdir)
+  _describe(exp)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  p = config.peft
+  if p.method == 'slora':
+    stages = [('sparse', 0, p.slora_stage1_rounds,
+               os.path.join(workdir, 'checkpoints_stage1')),
+              ('lora', p.slora_stage1_rounds, config.num_rounds,
+               os.path.join(workdir, 'checkpoints'))]
+  else:
+    stages = [('train', 0, config.num_rounds, os.path.join(workdir, 'checkpoints'))]
+
+  record = None
+  accountant = exp.accountant
+  state = frozen = None
+  for i, (name, first, last, ckpt_dir) in enumerate(stages):
+    if i:   # SLoRA stage 2: LoRA from the SVD of the sparse update of stage 1
+      deltas = tree_util.tree_sub(jax.device_get(state.params), exp.split.trainable)
+      model = peft.merge(exp.split.graphdef, exp.split.trainable, exp.split.frozen)
+      peft.slora.slora_stage2(model, deltas, p.rank, p.alpha,
+                              target_modules=tuple(p.target_modules), dropout=p.dropout,
+                              rngs=nnx.Rngs(config.seed + 2))
+      exp = build_experiment(config, workdir, model=model, task_data=exp.data,
+                             validate=False)
+      logs.log(f'SLoRA stage 2: LoRA rank {p.rank} from the SVD of the stage-1 update, '
+               f'{last - first} rounds')
+    elif name == 'sparse':
+      logs.log(f'SLoRA stage 1: sparse fine-tuning ({p.slora_density:.0%} of each target '
+               f'kernel) for {last - first} rounds')
+    state, frozen, record = _train_stage(exp, workdir, metrics_path, first, last, ckpt_dir,
+                                         record, accountant)
+    if len(stages) > 1:
+      record.stage_after[name] = record.last_eval
+
+  # ---- per-client and generative evaluation
+  cfg = exp.config
+  main_process = sharding.is_main_process()
+  federated = personal = None
+  if exp.data.client_test is not None:
+    federated, personal = evaluate_clients(exp, state.params, frozen)
+    if main_process:
+      with open(os.path.join(workdir, 'client_eval.json'), 'w') as fh:
+        json.dump({'federated': federated, 'personalization': personal}, fh)
+    for metric, dist in federated['distribution'].items():
+      if metric in ('accuracy', 'loss', 'perplexity'):
+        logs.log(f'per-client {metric}: ' + logs.fmt_metrics(
+            {k: v for k, v in dist.items() if k in ('mean', 'p10', 'worst')}))
+    if personal is not None:
+      for metric, dist in personal['after_distribution'].items():
+        if metric in ('accuracy', 'loss', 'perplexity'):
+          logs.log(f'personalised ({cfg.eval.personalize_steps} steps) per-client {metric}: '
+                   + logs.fmt_metrics({k: v for k, v in dist.items()
+                                       if k in ('mean', 'p10', 'worst')}))
+  generation = None
+  if exp.data.instructions is not None and cfg.data.generate_examples:
+    generation = evaluate_generation(exp, state.params, frozen)
+    logs.log('generation on held-out instructions: ' + logs.fmt_metrics(generation))
+
+  # ---- summary
+  n_trainable = tree_util.tree_size(exp.split.trainable)
+  summary = {
+      'before': record.before, 'after': record.last_eval, 'rounds': cfg.num_rounds,
+      'trainable_params': n_trainable, 'frozen_params': tree_util.tree_size(exp.split.frozen),
+      'uplink_bytes_total': record.total_up, 'downlink_bytes_total': record.total_down,
+      'compile_time_s': record.compile_s, 'total_time_s': time.time() - t_start,
+      'data': exp.data.description, 'final_round': int(state.round),
+  }
+  if 'sparse' in record.stage_after:
+    summary['stage1_after'] = record.stage_after['sparse']
+  if generation is not None:
+    summary['generation'] = generation
+  if federated is not None:
+    summary['client_distribution'] = federated['distribution']
+  if personal is not None:
+    summary['personalized_distribution'] = personal['after_distribution']
+  if accountant is not None:
+    summary['epsilon'] = accountant.epsilon
+    summary['delta'] = cfg.privacy.delta
+    summary['noise_multiplier'] = accountant.noise_multiplier
+  if main_process:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
+      json.dump(summary, fh, indent=2)
+  logs.log(f'held-out after {cfg.num_rounds} rounds: ' + logs.fmt_metrics(record.last_eval) +
+           f' (before: {logs.fmt_metrics(record.before)}); uplink total '
+           f'{logs.fmt_bytes(record.total_up)}; {summary["total_time_s"]:.0f}s')
+  return summary
+
+
+def _describe(exp: Experiment) -> None:
+  cfg, split, train = exp.config, exp.split, exp.data.train
+  n_trainable = tree_util.tree_size(split.trainable)
+  n_frozen = tree_util.tree_size(split.frozen)
+  logs.log(f'data: {exp.data.description}; {train.num_examples} training examples over '
+           f'{train.num_clients} clients (partition={cfg.data.partition}), '
+           f'{len(next(iter(exp.data.eval.values())))} held out')
+  logs.log(f'model: {cfg.model.kind}, peft={cfg.peft.method}: {n_trainable:,} trainable '
+           f'params ({100.0 * n_trainable / max(n_trainable + n_frozen, 1):.2f}% of '
+           f'{n_trainable + n_frozen:,}), '
+           f'{logs.fmt_bytes(exp.fed_round.uplink_bytes_per_client)} uplink per client per '
+           f'round')
+
+
+def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, last: int,
+                 ckpt_dir: str, record: RunRecord | None, accountant):
+  """Rounds ``first..last-1`` of a built experiment; returns (state, frozen view, record)."""
+  main_process = sharding.is_main_process()   # logs, metrics and summary: process 0 only
+  cfg, split, fed = exp.config, exp.split, exp.fed_round
+
+  # ---- before, or resume
+  state = fed.init(split.trainable, jax.random.key(cfg.seed))
+  state = state._replace(round=jnp.asarray(first, jnp.int32))
+  if exp.mesh is not None:
+    state = sharding.replicate(state, exp.mesh)
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, every=cfg.checkpoint.every,
+                                     keep=cfg.checkpoint.keep)
+  start = first
+  if ckpt.latest_round() is not None:
+    state, extras = ckpt.restore(state)
+    start = int(state.round)
+    record = RunRecord(before=extras['before'], last_eval=extras['last_eval'],
+                       total_up=extras['total_up'], total_down=extras['total_down'],
+                       stage_after=dict(extras.get('stage_after', {})))
+    if main_process:
+      logs.keep_records(metrics_path, start)
+    logs.log(f'resumed from {ckpt.directory} at round {start}')
+    if accountant is not None and start > accountant.rounds:
+      accountant.step(start - accountant.rounds)
+  elif record is None:
+    before = exp.evaluate(split.trainable)
+    record = RunRecord(before=before, last_eval=before)
+    if main_process:
+      logs.keep_records(metrics_path, 0)
+    logs.log('held-out before: ' + logs.fmt_metrics(before))
+  else:
+    if main_process:
+      logs.keep_records(metrics_path, start)
+
+  # ---- rounds
+  rounds = range(start, last)
+  bar = logs.progress(rounds, cfg.progress)
+  compiled = None
+  prune_step = _make_prune_step(cfg) if cfg.prune.enabled else None
+  writer = None
+  if cfg.tensorboard and main_process:
+    writer = logs.tensorboard_writer(os.path.join(workdir, 'tensorboard'))
+    if start == 0:
+      for k, v in record.before.items():
+        writer.add_scalar(f'eval/{k}', v, 0)
+  frozen = split.frozen
+  with open(metrics_path if main_process else os.devnull, 'a') as out:
+    for r, data in zip(bar, data_lib.prefetch(exp.round_data(r) for r in rounds)):
+      mask_down = 0
+      if prune_step is not None:
+        state, changed = prune_step(state, r)
+        if changed:   # new masks go down to every client of this round
+          mask_down = prune_lib.mask_nbytes(state.prune.masks)
+      t0 = time.time()
+      if compiled is None:
+        compiled = fed.apply.lower(state, frozen, data).compile()
+        record.compile_s += time.time() - t0
+        compile_s = time.time() - t0
+        t0 = time.time()
+      state, m = compiled(state, frozen, data)
+      m = sharding.to_host(m)
+      round_s = time.time() - t0
+      n_clients = int(m['num_clients'])
+      up = n_clients * fed.uplink_bytes_per_client
+      down = n_clients * (fed.downlink_bytes_per_client + mask_down)
+      record.total_up += up
+      record.total_down += down
+      cmask = np.asarray(m['client_mask'])
+      line = {
+          'round': r + 1, 'train_loss': float(m['train_loss']), 'num_clients': n_clients,
+          'examples': int(m['examples']), 'uplink_bytes': up, 'downlink_bytes': down,
+          'cum_uplink_bytes': record.total_up, 'update_norm': float(m['update_norm']),
+          'param_norm': float(m['param_norm']), 'round_time_s': round_s,
+          'client_loss': [float(v) for v in np.asarray(m['client_loss'])[cmask]],
+          'client_update_norm': [float(v) for v in np.asarray(m['client_update_norm'])[cmask]],
+      }
+      if r == start:
+        line['compile_time_s'] = compile_s
+      for k in ('lora_aggregation_error', 'lora_aggregation_error_se'):
+        if k in m:
+          line[k] = float(m[k])
+      if prune_step is not None:
+        line['sparsity'] = float(prune_lib.sparsity_of(state.prune.masks, state.params,
+                                                       min_size=cfg.prune.min_size))
+      if accountant is not None:
+        line['epsilon'] = accountant.step()
+        line['clip_norm'] = float(m['clip_norm'])
+      if int(m['nonfinite_clients']):
+        line['nonfinite_clients'] = int(m['nonfinite_clients'])
+      if (r + 1) % cfg.eval.every == 0 or r + 1 == last:
+        record.last_eval = exp.evaluate(state.params, fed.frozen_view(state, frozen))
+        line['eval'] = record.last_eval
+      out.write(json.dumps(line) + '\n')
+      out.flush()
+      if writer is not None:
+        logs.write_tensorboard(writer, line)
+      ckpt.maybe_save(state, record.extras(), force=r + 1 == last)
+      if hasattr(bar, 'set_postfix'):
+        bar.set_postfix(loss=f'{line["train_loss"]:.4f}')
+      if (r + 1) % cfg.log_every == 0 or 'eval' in line:
+        msg = (f'round {r + 1}/{cfg.num_rounds} loss={line["train_loss"]:.4f} '
+               f'clients={n_clients} up={logs.fmt_bytes(up)} time={round_s:.3f}s')
+        if 'epsilon' in line:
+          msg += f' eps={line["epsilon"]:.3g}'
+        if r == start:
+          msg += f' (compile {compile_s:.1f}s)'
+        if 'eval' in line:
+          msg += ' | held-out ' + logs.fmt_metrics(line['eval'])
+        logs.log(msg, bar)
+  ckpt.close()
+  if writer is not None:
+    writer.close()
+  return state, fed.frozen_view(state, frozen), record
+
+
+def _make_prune_step(cfg):
+  """Host-side pruning between rounds: schedule, masks, optional regrowth."""
+  p = cfg.prune
+  end = p.end_round or max(cfg.num_rounds // 2, p.begin_round)
+  schedule = prune_lib.polynomial_schedule(p.initial_sparsity, p.final_sparsity,
+                                           p.begin_round, end)
+  masks_fn = jax.jit(lambda params, sparsity: prune_lib.global_magnitude_masks(
+      params, sparsity, min_size=p.min_size))
+  regrow_fn = jax.jit(lambda params, masks, scores: prune_lib.prune_and_regrow(
+      params, masks, scores, p.regrow_fraction))
+
+  def step(state, r):
+    if r < p.begin_round or (r - p.begin_round) % p.every:
+      return state, False
+    old = state.prune.masks
+    if r <= end:
+      masks = masks_fn(state.params, jnp.float32(schedule(r)))
+      params = prune_lib.apply_masks(state.params, masks)
+    elif p.regrow_fraction:
+      params, masks = regrow_fn(state.params, old, state.prune.scores)
+    else:
+      return state, False
+    changed = bool(prune_lib.masks_changed(old, masks))
+    return state._replace(params=params, prune=state.prune._replace(masks=masks)), changed
+
+  return step
