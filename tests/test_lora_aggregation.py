@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fedjax_fm import aggregate
 from fedjax_fm import engine
 from fedjax_fm import peft
 from fedjax_fm.models import tasks
@@ -83,18 +84,8 @@ def _truncate(m, r):
 
 def test_fedit_is_streaming_mean_and_aggregation_error_matches_numpy():
   params, updates = _problem(nan_client=False)
-  agg = la.lora_aggregator('fedit')
-
-  @jax.jit
-  def streamed(updates, weights):
-    acc = agg.zero(params)
-    # Two chunks, as the chunked strategy would feed them.
-    for lo, hi in ((0, 2), (2, C)):
-      chunk = jax.tree.map(lambda u: u[lo:hi], updates)
-      acc = agg.accumulate(acc, chunk, weights[lo:hi])
-    return agg.finalize(acc)
-
-  mean, info = streamed(updates, jnp.asarray(WEIGHTS))
+  agg = la.lora_aggregator('fedit', error='exact')
+  mean, info = _streamed(agg, params)(updates, jnp.asarray(WEIGHTS))
   assert float(info['total_weight']) == pytest.approx(WEIGHTS.sum())
   jax.tree.map(lambda m, u: np.testing.assert_allclose(
       m, _np_mean(u), rtol=1e-5, atol=1e-6), mean, updates)
@@ -118,6 +109,34 @@ def test_fedit_is_streaming_mean_and_aggregation_error_matches_numpy():
       np.isnan(b), b, u)), bad, updates)
   got3 = error(bad, WEIGHTS, params)
   np.testing.assert_allclose(float(got3), want, rtol=1e-4)
+  # The streamed exact error equals the stacked one.
+  np.testing.assert_allclose(float(info['lora_aggregation_error']), want, rtol=1e-4)
+
+
+def _streamed(agg, params):
+  @jax.jit
+  def run(updates, weights):
+    acc = agg.init(params)
+    # Two chunks, as the chunked strategy would feed them.
+    for lo, hi in ((0, 2), (2, C)):
+      chunk = jax.tree.map(lambda u: u[lo:hi], updates)
+      acc = agg.accumulate(acc, chunk, weights[lo:hi], params)
+    return agg.finalize(acc, params)
+  return run
+
+
+@pytest.mark.parametrize('probes', [16, 64])
+def test_fedit_probe_error_is_within_its_error_bars(probes):
+  params, updates = _problem(nan_client=True)
+  want = float(la.aggregation_error(updates, jnp.asarray(WEIGHTS), params))
+  _, info = _streamed(la.fedit(error='probe', probes=probes), params)(
+      updates, jnp.asarray(WEIGHTS))
+  got, se = float(info['lora_aggregation_error']), float(info['lora_aggregation_error_se'])
+  assert np.isfinite(got) and se > 0
+  assert abs(got - want) <= 4 * se + 1e-6, (got, want, se)
+  assert se < 0.5 * want   # the bars are informative
+  _, none = _streamed(la.fedit(error='none'), params)(updates, jnp.asarray(WEIGHTS))
+  assert 'lora_aggregation_error' not in none
 
 
 def _lora_mlp():
@@ -140,7 +159,7 @@ def test_freeze_lora_a_and_ffa_is_exact():
       np.asarray(forward(ffa_split.trainable, ffa_split.frozen)),
       np.asarray(forward(split.trainable, split.frozen)))
   with pytest.raises(ValueError, match='freeze_lora_a'):
-    la.lora_aggregator('ffa').zero(split.trainable)
+    la.lora_aggregator('ffa').init(split.trainable)
   with pytest.raises(ValueError, match='no LoRA pair'):
     peft.freeze_lora_a(ffa_split)
   # Only B moves: averaging B is the exact average of the products.
@@ -186,12 +205,15 @@ def test_ffa_in_the_round_engine():
   assert fed.uplink_bytes_per_client == peft.tree_bytes(split.trainable)
 
 
-@pytest.mark.parametrize('method', ['auto', 'qr'])
-def test_product_refactorises_the_mean_product(method):
+def test_product_refactorises_the_mean_product():
   params, updates = _problem()
-  agg = la.lora_aggregator('product', method=method)
-  assert agg.needs_params and agg.products is None
-  delta = jax.jit(agg.aggregate)(updates, jnp.asarray(WEIGHTS), params)
+  agg = la.lora_aggregator('product')
+  assert agg.is_streaming and agg.base is None
+  delta, info = _streamed(agg, params)(updates, jnp.asarray(WEIGHTS))
+  tail = sum(np.linalg.norm(_np_mean_product(params, updates, p)
+                            - _truncate(_np_mean_product(params, updates, p), r))
+             for p, (_, r, _) in SHAPES.items())
+  np.testing.assert_allclose(float(info['lora_aggregation_error']), tail, rtol=1e-3)
   new = jax.tree.map(lambda p, d: p + np.asarray(d), params, delta)
   # Non-LoRA leaves: weighted mean, the NaN client ignored.
   np.testing.assert_allclose(delta['classifier']['kernel'],
@@ -212,16 +234,16 @@ def test_product_is_exact_when_the_mean_has_rank_r():
   params, updates = _problem(fixed_a=True)   # M = A mean(B_i): rank <= r
   w = jnp.asarray(WEIGHTS)
   agg = la.lora_aggregator('product')
-  aggregate = jax.jit(agg.aggregate)
   error = jax.jit(la.aggregation_error)
-  delta = aggregate(updates, w, params)
+  delta, info = _streamed(agg, params)(updates, w)
+  assert float(info['lora_aggregation_error']) < 1e-4
   err = error(updates, w, params, aggregate=delta)
   assert float(err) < 1e-4
   fedit_err = error(updates, w, params)
   assert float(fedit_err) < 1e-4        # A fixed: FedIT is exact too (FFA)
   # With moving A the product mode only loses the truncated tail.
   params, updates = _problem()
-  delta = aggregate(updates, w, params)
+  delta, _ = _streamed(agg, params)(updates, w)
   err = error(updates, w, params, aggregate=delta)
   tail = sum(np.linalg.norm(_np_mean_product(params, updates, p)
                             - _truncate(_np_mean_product(params, updates, p),
@@ -234,10 +256,10 @@ def test_product_is_exact_when_the_mean_has_rank_r():
 def test_no_valid_client_changes_nothing():
   params, updates = _problem()
   zero_w = jnp.zeros(C)
-  for mode in ('product', 'stack'):
-    delta = jax.jit(la.lora_aggregator(mode).aggregate)(updates, zero_w,
-                                                        params)
+  for agg in (la.product(), la.stack(scaling=2.0), la.fedit(), la.fedit(error='exact')):
+    delta, info = _streamed(agg, params)(updates, zero_w)
     assert all(float(jnp.abs(d).max()) == 0 for d in jax.tree.leaves(delta))
+    assert all(float(jnp.abs(d).max()) == 0 for d in jax.tree.leaves(info))
   dw = jax.jit(la.stack_products)(updates, zero_w, params)
   assert all(float(jnp.abs(d).max()) == 0 for d in jax.tree.leaves(dw))
 
@@ -287,15 +309,13 @@ def test_stack_merge_equals_mean_of_client_models():
           jax.tree.map(lambda p, u: p + u[i], split.trainable, updates),
           split.frozen)(x))
       for i in range(C) if WEIGHTS[i] > 0)
-  agg = la.lora_aggregator('stack')
-  delta = agg.aggregate(updates, w, split.trainable)
+  agg = la.lora_aggregator('stack', scaling=model.classifier.scaling)
+  delta, info = aggregate.reduce(agg, updates, w, split.trainable)
   trainable = jax.tree.map(lambda p, d: p + d, split.trainable, delta)
   np.testing.assert_array_equal(trainable['classifier']['lora_b'], 0.0)
   np.testing.assert_array_equal(trainable['classifier']['lora_a'],
                                 split.trainable['classifier']['lora_a'])
-  frozen = la.merge_into_base(split.frozen,
-                              agg.products(updates, w, split.trainable),
-                              scaling=model.classifier.scaling)
+  frozen = agg.base.apply(split.frozen, info['base_delta'])
   got = peft.merge(split.graphdef, trainable, frozen)(x)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
   # The input frozen dict is untouched.
@@ -310,9 +330,9 @@ def test_registry_and_errors():
   with pytest.raises(ValueError, match="'fedit', 'ffa', 'product', 'stack'"):
     la.lora_aggregator('mean')
   with pytest.raises(ValueError, match=r"unknown options \['method'\]"):
-    la.lora_aggregator('fedit', method='qr')
-  with pytest.raises(ValueError, match='method must be one of'):
-    la.lora_aggregator('product', method='lanczos')
+    la.lora_aggregator('product', method='qr')
+  with pytest.raises(ValueError, match='error must be one of'):
+    la.lora_aggregator('fedit', error='approx')
   with pytest.raises(ValueError, match='rank'):
     la.low_rank_factors(jnp.ones((3, 2)), jnp.ones((2, 3)), 0)
   assert la.MODES == ('fedit', 'ffa', 'product', 'stack')

@@ -12,8 +12,9 @@ from fedjax_fm.aggregate.base import streaming
 def weighted_mean() -> Aggregator:
   """Streaming weighted mean ``sum_i w_i u_i / sum_i w_i``.
 
-  Sums are kept in float32 whatever the update dtype. When the total weight is
-  zero (no client contributed) the aggregate is zero.
+  Sums are kept in float32 whatever the update dtype. Clients with weight
+  ``<= 0`` are masked out (their content, NaNs included, never reaches the sum).
+  When the total weight is zero (no client contributed) the aggregate is zero.
 
   Returns:
     A streaming `Aggregator`.
@@ -27,10 +28,14 @@ def weighted_mean() -> Aggregator:
     del params
     total, wsum = acc
     weights = weights.astype(jnp.float32)
-    total = jax.tree.map(
-        lambda t, u: t + jnp.tensordot(weights, u.astype(jnp.float32), axes=1),
-        total, updates)
-    return total, wsum + jnp.sum(weights)
+    valid = weights > 0
+    weights = jnp.where(valid, weights, 0.0)
+
+    def add(t, u):   # a client with weight <= 0 never contributes, NaNs included
+      u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u.astype(jnp.float32), 0.0)
+      return t + jnp.tensordot(weights, u, axes=1)
+
+    return jax.tree.map(add, total, updates), wsum + jnp.sum(weights)
 
   def finalize(acc, params=None):
     del params
