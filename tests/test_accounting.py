@@ -50,6 +50,7 @@ def test_monotonic_in_steps_and_noise():
   assert accounting.epsilon(0.0, 0.02, 1, 1e-5) == float('inf')
 
 
+@pytest.mark.slow
 def test_calibration_hits_target():
   z = accounting.noise_multiplier_for_epsilon(3.0, 0.02, 200, 1e-5)
   assert accounting.epsilon(z, 0.02, 200, 1e-5) <= 3.0

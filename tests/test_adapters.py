@@ -20,6 +20,7 @@ from tests.peft_testlib import pretrained_like as _pretrained_like
 from tests.peft_testlib import train as _train
 
 
+@pytest.mark.slow
 def test_identity_at_init_and_targets():
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, 64, (2, 7)))
@@ -132,6 +133,7 @@ def test_split_counts_and_training_changes_only_adapters():
   jax.tree.map(np.testing.assert_array_equal, split.frozen, frozen_copy)
 
 
+@pytest.mark.slow
 def test_decoder_adapters_learn():
   dec = _pretrained_like(Decoder(DEC, rngs=nnx.Rngs(0)))
   peft.apply_adapters(dec, bottleneck=8, rngs=nnx.Rngs(1))

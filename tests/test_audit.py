@@ -20,6 +20,7 @@ def _gaussian_epsilon(z):
 
 
 @pytest.mark.parametrize('z', [0.5, 1.0, 4.0])
+@pytest.mark.slow
 def test_lower_bound_below_accountant(z):
   s_out, s_in = audit.gaussian_mechanism_scores(
       jax.random.key(int(z * 10)), 20_000, clip_norm=1.0, noise_multiplier=z,

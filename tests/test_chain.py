@@ -146,6 +146,7 @@ VMAP_OPS = {
 
 
 @pytest.mark.parametrize('name', list(VMAP_OPS))
+@pytest.mark.slow
 def test_jit_and_vmap_over_clients(name):
   """vmap over 3 clients (per-client keys, stacked state) equals a loop of jitted calls."""
   c = VMAP_OPS[name]()

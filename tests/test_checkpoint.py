@@ -122,6 +122,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(got.key), jax.random.key_data(ref.key))
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_metrics(tmp_path):
   c = _config()
   c.num_rounds = 3

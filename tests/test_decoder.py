@@ -120,6 +120,7 @@ def test_config_validation():
 
 
 @pytest.mark.parametrize('tie', [False, True])
+@pytest.mark.slow
 def test_shapes_and_names(tie):
   cfg = DecoderConfig(**{**TINY.__dict__, 'tie_embeddings': tie})
   model = Decoder(cfg, rngs=nnx.Rngs(0))
@@ -146,6 +147,7 @@ def test_bf16_compute_gives_f32_logits():
   assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.slow
 def test_causality():
   model = Decoder(TINY, rngs=nnx.Rngs(1))
   rng = np.random.default_rng(0)

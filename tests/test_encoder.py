@@ -283,6 +283,7 @@ def minilm(minilm_dir, minilm_encoder):
   return model, ids, mask
 
 
+@pytest.mark.slow
 def test_minilm_matches_numpy(minilm, minilm_dir):
   model, ids, mask = minilm
   assert mask.min() == 0  # the batch really is padded

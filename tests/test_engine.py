@@ -126,6 +126,7 @@ def _reference_rounds(client_name, server_name, num_rounds=2):
 
 @pytest.mark.parametrize('strategy,chunk', STRATEGY_CASES)
 @pytest.mark.parametrize('client_name,server_name', OPT_CASES)
+@pytest.mark.slow
 def test_strategies_match_sequential_reference(strategy, chunk, client_name, server_name):
   assert jax.device_count() == 8
   client_tx, server_tx = _optimizers(client_name, server_name)
@@ -139,6 +140,7 @@ def test_strategies_match_sequential_reference(strategy, chunk, client_name, ser
   assert int(state.round) == 2
 
 
+@pytest.mark.slow
 def test_fedprox_matches_reference_and_shrinks_updates():
   client_tx = optax.sgd(0.3)
   fed = build('chunked', 2, client_tx, prox_mu=2.0)
@@ -174,6 +176,7 @@ def _pad(data, extra_clients, extra_steps):
 
 
 @pytest.mark.parametrize('strategy,chunk', [('vmap', None), ('chunked', 4), ('sharded', 2)])
+@pytest.mark.slow
 def test_padding_never_changes_result(strategy, chunk):
   data = make_round_data(num_clients=6, ragged=True)
   padded = _pad(data, extra_clients=10, extra_steps=2)
@@ -188,6 +191,7 @@ def test_padding_never_changes_result(strategy, chunk):
   assert float(m_pad['examples']) == float(data['example_mask'].sum())
 
 
+@pytest.mark.slow
 def test_rounds_do_not_recompile():
   traces = []
 
@@ -259,6 +263,7 @@ def test_bad_strategy_and_chunk():
 
 
 @pytest.mark.parametrize('strategy,chunk', [('chunked', 2), ('sharded', 1)])
+@pytest.mark.slow
 def test_nonfinite_updates_are_dropped(strategy, chunk):
   data = make_round_data(num_clients=8, ragged=False)
   poisoned = jax.tree.map(np.copy, data)

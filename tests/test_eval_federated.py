@@ -61,6 +61,7 @@ def _assert_matches(got, ref):
 
 @pytest.mark.parametrize('chunk_size, batch_size, max_batches',
                          [(3, 4, None), (100, 5, 2)])
+@pytest.mark.slow
 def test_per_client_eval_matches_loop(mlp, chunk_size, batch_size, max_batches):
   split, eval_fn = mlp
   ds = _dataset()

@@ -50,6 +50,7 @@ def test_every_config_documents_its_command():
       load_config(name, 'huge')
 
 
+@pytest.mark.slow
 def test_mlp_synthetic_tiny_learns(tmp_path):
   summary = train.run(load_config('mlp_synthetic'), str(tmp_path))
   assert summary['after']['accuracy'] > summary['before']['accuracy'] + 0.2
@@ -63,6 +64,7 @@ def test_mlp_synthetic_tiny_learns(tmp_path):
 
 
 @pytest.mark.parametrize('strategy,chunk', [('vmap', 8), ('sharded', 1)])
+@pytest.mark.slow
 def test_strategies_agree_end_to_end(tmp_path, strategy, chunk):
   base = load_config('mlp_synthetic')
   base.fl.chunk_size = 4
@@ -73,6 +75,7 @@ def test_strategies_agree_end_to_end(tmp_path, strategy, chunk):
   np.testing.assert_allclose(got['after']['loss'], ref['after']['loss'], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_tfds_mnist_tiny_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=200):
@@ -181,6 +184,7 @@ def test_bad_data_gets_clear_errors(tmp_path):
   assert not os.path.exists(tmp_path / 'w4' / 'metrics.jsonl')
 
 
+@pytest.mark.slow
 def test_jsonl_text_classification_runs(tmp_path):
   path = tmp_path / 'd.jsonl'
   _jsonl(path, [{'text': ['good movie', 'bad film'][i % 2] + f' {i}',
@@ -202,6 +206,7 @@ def test_nan_features_are_rejected(tmp_path, monkeypatch):
     train.run(load_config('mlp_synthetic'), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_dp_run_reports_epsilon_at_most_the_target(tmp_path):
   c = load_config('mlp_synthetic')
   c.privacy.enabled = True
@@ -217,6 +222,7 @@ def test_dp_run_reports_epsilon_at_most_the_target(tmp_path):
   np.testing.assert_allclose(eps[-1], direct, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_attackers_never_reach_the_model(tmp_path):
   c = load_config('mlp_synthetic')
   c.attack.kind, c.attack.fraction = 'nan', 0.25
@@ -227,6 +233,7 @@ def test_nan_attackers_never_reach_the_model(tmp_path):
   assert all(np.isfinite(r['param_norm']) for r in records)
 
 
+@pytest.mark.slow
 def test_pruning_follows_its_schedule(tmp_path):
   from fedjax_fm import prune
   c = load_config('mlp_synthetic')
@@ -240,6 +247,7 @@ def test_pruning_follows_its_schedule(tmp_path):
     np.testing.assert_allclose(rec['sparsity'], schedule(rec['round'] - 1), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_compressed_uplink_is_measured_from_the_payload(tmp_path):
   c = load_config('mlp_synthetic')
   c.compress.uplink, c.compress.fraction, c.compress.error_feedback = 'top_k', 0.05, True
@@ -255,6 +263,7 @@ def test_compressed_uplink_is_measured_from_the_payload(tmp_path):
 
 
 @pytest.mark.parametrize('mode', ['fedit', 'ffa', 'product', 'stack'])
+@pytest.mark.slow
 def test_lora_aggregation_modes_train_and_report_their_error(tmp_path, mode):
   c = load_config('mlp_synthetic')
   c.num_rounds = 4
@@ -274,6 +283,7 @@ def test_lora_aggregation_modes_train_and_report_their_error(tmp_path, mode):
     assert max(errors) > 1e-4                      # FedIT / rank-r truncation error
 
 
+@pytest.mark.slow
 def test_held_out_split_is_a_random_sample_in_random_order(tmp_path):
   # The stdlib docstrings come sorted by package (the label): the held-out split,
   # and any leading part of it that `eval.max_examples` keeps, must still mix labels.

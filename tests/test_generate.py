@@ -73,6 +73,7 @@ def _check_cached_equals_uncached(model, **kwargs):
   return out
 
 
+@pytest.mark.slow
 def test_cached_greedy_equals_uncached_and_ignores_padding():
   model = _model()
   out = _check_cached_equals_uncached(model)
@@ -82,6 +83,7 @@ def test_cached_greedy_equals_uncached_and_ignores_padding():
                              np.asarray(out.logits[1]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cache_calls_match_full_forward():
   model = _model()
   graphdef, state = nnx.split(model)
@@ -116,6 +118,7 @@ def test_top_p_filter():
   np.testing.assert_array_equal(kept(1.0), [1, 1, 1, 1])
 
 
+@pytest.mark.slow
 def test_sampling_modes():
   model = _model(1)
   greedy = np.asarray(generate(model, PROMPT, N, prompt_mask=MASK,
@@ -133,6 +136,7 @@ def test_sampling_modes():
   assert a.min() >= 0 and a.max() < CFG.vocab_size
 
 
+@pytest.mark.slow
 def test_eos_stops_and_pads():
   model = _model()
   free = np.asarray(generate(model, PROMPT, N, prompt_mask=MASK,
@@ -150,6 +154,7 @@ def test_eos_stops_and_pads():
   assert lengths[2] <= 3
 
 
+@pytest.mark.slow
 def test_prompt_and_prefix_tuned_generation():
   model = _model(2)
   peft.apply_prompt_tuning(model, 3, rngs=nnx.Rngs(1))
@@ -158,6 +163,7 @@ def test_prompt_and_prefix_tuned_generation():
   _check_cached_equals_uncached(model)
 
 
+@pytest.mark.slow
 def test_make_generate_fn_vmaps_over_clients():
   model = _model(3)
   peft.apply_prompt_tuning(model, 2, init='random', init_std=1.0,

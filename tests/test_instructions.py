@@ -158,6 +158,7 @@ def test_sentencepiece_bos_eos(tmp_path):
   np.testing.assert_array_equal(prompts['input_ids'][0, 40 - lengths[0]:], p0)
 
 
+@pytest.mark.slow
 def test_causal_lm_loss_mask_key():
   cfg = DecoderConfig(vocab_size=40, dim=32, num_layers=1, num_heads=4,
                       num_kv_heads=2, mlp_dim=48, max_len=12)

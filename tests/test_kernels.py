@@ -24,6 +24,7 @@ def _data(shape, seed=0):
 
 
 @pytest.mark.parametrize('bits', [1, 2, 4, 8])
+@pytest.mark.slow
 def test_quantize_pack_matches_reference(bits):
   x, u = _data((11, 64), seed=bits)          # 11 rows: not a multiple of block_rows
   for symmetric in (False, True):
@@ -46,6 +47,7 @@ def test_quantize_pack_errors():
     K.quantize_pack(x[:, :30], u[:, :30], bits=1, interpret=True)
 
 
+@pytest.mark.slow
 def test_threshold_count_and_mask_match_reference():
   x, _ = _data((13, 96), seed=3)
   for tau in (0.0, 1.0, 2.5):
@@ -61,6 +63,7 @@ def test_threshold_count_and_mask_match_reference():
     np.testing.assert_array_equal(mask, np.abs(np.asarray(x)) >= tau)
 
 
+@pytest.mark.slow
 def test_topk_threshold_is_the_kth_largest():
   x, _ = _data((9, 64), seed=4)
   mags = np.sort(np.abs(np.asarray(x)).ravel())[::-1]
@@ -79,6 +82,7 @@ def _payload(c, tree, key=0):
 
 
 @pytest.mark.parametrize('bits,symmetric', [(2, False), (4, True), (8, False)])
+@pytest.mark.slow
 def test_compress_stochastic_uniform_kernel_equals_jnp(bits, symmetric):
   tree = {'w': jax.random.normal(jax.random.key(1), (30, 50))}     # 1500: last block partial
   kw = dict(block_size=128, symmetric=symmetric)
@@ -88,6 +92,7 @@ def test_compress_stochastic_uniform_kernel_equals_jnp(bits, symmetric):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_compress_threshold_paths_kernel_equals_jnp():
   tree = {'w': jax.random.normal(jax.random.key(2), (40, 70))}
   for make in (lambda uk: compress.top_k(0.03, approximate='threshold', use_kernel=uk),
@@ -97,6 +102,7 @@ def test_compress_threshold_paths_kernel_equals_jnp():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_kernel_under_vmap():
   c = compress.stochastic_uniform(4, block_size=64, use_kernel=True)
   trees = {'w': jax.random.normal(jax.random.key(3), (2, 16, 32))}

@@ -95,6 +95,7 @@ def test_hparam_errors():
                       rngs=nnx.Rngs(0), **args)
 
 
+@pytest.mark.slow
 def test_apply_lora_by_name():
   model = Decoder(SMALL_DEC, rngs=nnx.Rngs(0))
   ids = jnp.arange(18).reshape(2, 9) % 37
@@ -117,6 +118,7 @@ def test_apply_lora_by_name():
                     rngs=nnx.Rngs(2))
 
 
+@pytest.mark.slow
 def test_apply_lora_by_regex_and_list_container():
   model = Decoder(SMALL_DEC, rngs=nnx.Rngs(0))
   replaced = peft.apply_lora(model, rank=2, alpha=2.0,

@@ -82,6 +82,7 @@ def _truncate(m, r):
   return (u[:, :r] * s[:r]) @ vt[:r]
 
 
+@pytest.mark.slow
 def test_fedit_is_streaming_mean_and_aggregation_error_matches_numpy():
   params, updates = _problem(nan_client=False)
   agg = la.lora_aggregator('fedit', error='exact')
@@ -146,6 +147,7 @@ def _lora_mlp():
   return model
 
 
+@pytest.mark.slow
 def test_freeze_lora_a_and_ffa_is_exact():
   model = _lora_mlp()
   split = peft.split_model(model, 'lora')
@@ -177,6 +179,7 @@ def test_freeze_lora_a_and_ffa_is_exact():
   assert float(error(full_updates, WEIGHTS, split.trainable)) > 0.1
 
 
+@pytest.mark.slow
 def test_ffa_in_the_round_engine():
   model = _lora_mlp()
   split = peft.freeze_lora_a(peft.split_model(model, 'lora'))
@@ -205,6 +208,7 @@ def test_ffa_in_the_round_engine():
   assert fed.uplink_bytes_per_client == peft.tree_bytes(split.trainable)
 
 
+@pytest.mark.slow
 def test_product_refactorises_the_mean_product():
   params, updates = _problem()
   agg = la.lora_aggregator('product')
@@ -253,6 +257,7 @@ def test_product_is_exact_when_the_mean_has_rank_r():
   assert float(err) < float(error(updates, w, params))
 
 
+@pytest.mark.slow
 def test_no_valid_client_changes_nothing():
   params, updates = _problem()
   zero_w = jnp.zeros(C)
@@ -291,6 +296,7 @@ def test_stack_products_exact_and_rank_mask():
       rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_stack_merge_equals_mean_of_client_models():
   model = MLPClassifier(4, [], 3, rngs=nnx.Rngs(0))   # linear: y = x W + b
   peft.apply_lora(model, rank=2, alpha=4.0, target_modules=('classifier',),

@@ -11,6 +11,8 @@ from fedjax_fm import models
 from fedjax_fm import peft
 from fedjax_fm.engine import memory
 
+pytestmark = pytest.mark.slow
+
 
 def _problem():
   cfg = models.DecoderConfig(vocab_size=128, dim=32, num_layers=1, num_heads=4,

@@ -5,10 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+import pytest
 
 from fedjax_fm import engine
 from fedjax_fm import models
 from fedjax_fm import peft
+
+pytestmark = pytest.mark.slow
 
 
 def _round(dtype):

@@ -72,6 +72,7 @@ def _run(setup, chunk_size, steps=25):
       chunk_size=chunk_size)
 
 
+@pytest.mark.slow
 def test_personalization_improves_mean_and_p10(setup):
   out = _run(setup, chunk_size=4)
   before = out['before_distribution']['accuracy']

@@ -40,6 +40,7 @@ def _prepend(tokens, ids, mask):
   return ids, mask
 
 
+@pytest.mark.slow
 def test_soft_prompt_equals_prepended_tokens():
   base = Decoder(CFG, rngs=nnx.Rngs(0))
   model = Decoder(CFG, rngs=nnx.Rngs(0))
@@ -61,6 +62,7 @@ def test_soft_prompt_equals_prepended_tokens():
     model(jnp.zeros((1, CFG.max_len - 2), jnp.int32))
 
 
+@pytest.mark.slow
 def test_prefix_equals_past_key_values_of_tokens():
   base = Decoder(CFG, rngs=nnx.Rngs(1))
   model = Decoder(CFG, rngs=nnx.Rngs(1))
@@ -82,6 +84,7 @@ def test_prefix_equals_past_key_values_of_tokens():
       _forward(reparam, IDS, MASK, jnp.arange(2, 8)), got, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_split_methods():
   assert {'prompt', 'prefix', 'full', 'lora'} <= set(peft.METHODS)
   model = Decoder(CFG, rngs=nnx.Rngs(0))
@@ -162,6 +165,7 @@ def _train(split, batch, steps=40, lr=0.05):
 
 
 @pytest.mark.parametrize('route', ['prompt', 'prefix', 'prefix_reparam'])
+@pytest.mark.slow
 def test_only_route_variables_train_and_loss_falls(route):
   model = Decoder(CFG, rngs=nnx.Rngs(0))
   _sharpen(model)

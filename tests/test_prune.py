@@ -46,6 +46,7 @@ def test_global_masks_match_numpy_and_target(params, sparsity):
     assert bool(np.all(np.asarray(m)))
 
 
+@pytest.mark.slow
 def test_pruned_weights_stay_zero_under_masked_updates(params):
   masks = prune.global_magnitude_masks(params, 0.5, min_size=64)
   p = prune.apply_masks(params, masks)

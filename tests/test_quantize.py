@@ -50,6 +50,7 @@ def x():
 
 @pytest.mark.parametrize('bits,symmetric,block_size', [(2, False, None), (4, True, None),
                                                        (1, False, 16), (8, False, 32)])
+@pytest.mark.slow
 def test_stochastic_uniform_unbiased_on_grid_and_variance(x, bits, symmetric, block_size):
   c = compress.stochastic_uniform(bits, block_size=block_size, symmetric=symmetric, min_size=1)
   samples = _samples(c, x)
@@ -73,6 +74,7 @@ def test_stochastic_uniform_unbiased_on_grid_and_variance(x, bits, symmetric, bl
 
 
 @pytest.mark.parametrize('bits,block_size', [(4, None), (2, 16)])
+@pytest.mark.slow
 def test_qsgd_unbiased_and_variance_bound(x, bits, block_size):
   s_levels = 2 ** (bits - 1) - 1
   c = compress.qsgd(bits, block_size=block_size, min_size=1)
@@ -162,6 +164,7 @@ def test_payload_layout_and_bytes(bits):
 
 
 @pytest.mark.parametrize('bits', [1, 2, 4, 8])
+@pytest.mark.slow
 def test_tensor_shorter_than_a_block_is_one_block_of_its_own_length(bits, x):
   # n = 60 values, block_size 256: one block of 60 rounded up to a whole word, so
   # the wire bytes are those of a per-tensor scale, never of a padded 256 block.
@@ -175,6 +178,7 @@ def test_tensor_shorter_than_a_block_is_one_block_of_its_own_length(bits, x):
   np.testing.assert_allclose(out, lo + q * step, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dtype_preserved_and_small_leaves_raw():
   tree = {'w': jnp.ones((32, 16), jnp.bfloat16) * 0.5, 'b': jnp.arange(5.0)}
   c = compress.stochastic_uniform(4)

@@ -3,6 +3,8 @@
 import os
 import re
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -12,6 +14,7 @@ def _python_blocks():
   return re.findall(r'```python\n(.*?)```', text, flags=re.S)
 
 
+@pytest.mark.slow
 def test_ops_example_runs_and_learns(capsys):
   blocks = [b for b in _python_blocks() if 'engine.build_round' in b]
   assert len(blocks) == 1

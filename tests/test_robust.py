@@ -33,6 +33,7 @@ def _trim_mean_ref(x, beta):
 
 
 @pytest.mark.parametrize('num,pad', [(7, 0), (6, 0), (6, 3), (1, 2)])
+@pytest.mark.slow
 def test_median_and_trimmed_mean_vs_numpy(num, pad):
   rng = np.random.default_rng(num + pad)
   u, w = _stack(rng, num, pad)
@@ -46,6 +47,7 @@ def test_median_and_trimmed_mean_vs_numpy(num, pad):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_all_clients_padding_gives_zero():
   u, w = _stack(np.random.default_rng(0), 0, 3)
   for agg in (robust.coordinate_median(), robust.trimmed_mean(0.1),
@@ -65,6 +67,7 @@ def _attacked(num=10, frac=0.2, seed=0):
 
 
 @pytest.mark.parametrize('pad', [0, 2])
+@pytest.mark.slow
 def test_krum_picks_honest_cluster(pad):
   x, n_bad = _attacked()
   num = x.shape[0]

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from fedjax_fm import compress
 from fedjax_fm import engine
@@ -38,6 +39,7 @@ def build(**kw):
                             strategy='chunked', chunk_size=2, **kw)
 
 
+@pytest.mark.slow
 def test_error_feedback_residuals_live_in_the_client_store():
   ids = [7, 2, 5, 0, 9, 3]
   data = round_data(ids)
@@ -62,6 +64,7 @@ def test_error_feedback_residuals_live_in_the_client_store():
   np.testing.assert_allclose(sent + held, mean_delta, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_identity_downlink_matches_plain_and_topk_downlink_saves_bytes():
   data = round_data([0, 1, 2, 3, 4, 5])
   plain = build()
@@ -92,6 +95,7 @@ def test_pruned_weights_stay_exactly_zero():
   np.testing.assert_allclose(1 - m.mean(), 0.75, atol=1 / m.size)
 
 
+@pytest.mark.slow
 def test_prune_scores_are_the_mean_dense_gradient_and_drive_regrowth():
   fed = build(pruning=engine.Pruning(scores=True))
   assert fed.uplink_bytes_per_client == 2 * tree_util.tree_nbytes(params0())

@@ -69,6 +69,7 @@ def test_dp_clips_and_averages_uniformly():
   np.testing.assert_allclose(m['unclipped_fraction'], np.mean(norms <= clip))
 
 
+@pytest.mark.slow
 def test_dp_noise_has_the_calibrated_std():
   data = round_data()
   clip, z = 0.05, 2.0
@@ -80,6 +81,7 @@ def test_dp_noise_has_the_calibrated_std():
   assert abs(noise.mean()) < 4 * expected / np.sqrt(noise.size)
 
 
+@pytest.mark.slow
 def test_adaptive_clip_moves_towards_the_target_quantile():
   data = round_data()
   norms = np.sqrt((client_deltas(data) ** 2).sum((1, 2)))
@@ -104,6 +106,7 @@ def test_stacked_median_equals_numpy_median():
 
 
 @pytest.mark.parametrize('kind', ['scale', 'sign_flip'])
+@pytest.mark.slow
 def test_attackers_hurt_the_mean_not_the_median(kind):
   data = round_data()
   data['attacker'] = np.zeros(C, bool)
@@ -134,6 +137,7 @@ def test_adaptive_clip_requires_privacy():
     build(adaptive_clip=privacy.quantile_adaptive_clip(0.5))
 
 
+@pytest.mark.slow
 def test_secure_mean_round_equals_plain_uniform_mean():
   data = round_data()
   data['client_mask'] = np.ones(C, bool)

@@ -27,6 +27,7 @@ def _mask_and_unmask(key, updates, client_ids, dropped):
     [False, True, False, False, True, False],
     [True, True, True, True, True, False],
 ])
+@pytest.mark.slow
 def test_unmasked_sum_is_exact(dropped):
   rng = np.random.default_rng(0)
   updates = _int_updates(rng, 6)
@@ -53,6 +54,7 @@ def test_seeds_symmetric():
   np.testing.assert_array_equal(data, np.swapaxes(np.asarray(data), 0, 1))
 
 
+@pytest.mark.slow
 def test_masked_update_is_uniform():
   num, dim = 3, 40_000
   updates = {'w': jnp.zeros((num, dim), jnp.uint32)}  # worst case: all zero
@@ -68,6 +70,7 @@ def test_masked_update_is_uniform():
   assert np.sum((counts - expected) ** 2 / expected) < 37.7
 
 
+@pytest.mark.slow
 def test_quantize_roundtrip_and_float_sum():
   rng = np.random.default_rng(3)
   num = 8

@@ -41,6 +41,7 @@ def _round(split, loss_fn, data, strategy, mesh=None, frozen=None, chunk=None):
 
 
 @pytest.mark.parametrize('clients,model', [(8, 1), (4, 2), (2, 4)])
+@pytest.mark.slow
 def test_2d_mesh_equals_single_device(clients, model):
   split, loss_fn, data = _problem()
   ref, m_ref = _round(split, loss_fn, data, 'vmap')

@@ -65,6 +65,7 @@ def test_lora_init_from_update_is_truncated_svd():
     slora.lora_init_from_update(jnp.asarray(d), 0)
 
 
+@pytest.mark.slow
 def test_two_stages_end_to_end():
   model = Encoder(ENC, rngs=nnx.Rngs(0))
   w0 = {n: np.asarray(getattr(model.layers[0], n).kernel[...])

@@ -118,6 +118,7 @@ def test_threshold_numpy_reference_and_cap():
   np.testing.assert_array_equal(np.asarray(out['w']).reshape(-1), expected)
 
 
+@pytest.mark.slow
 def test_dtype_and_shape_preserved():
   x = jax.random.normal(jax.random.key(0), (4, 8, 16)).astype(jnp.bfloat16)
   for c in (compress.top_k(0.2), compress.random_k(0.2), compress.threshold(1.0)):

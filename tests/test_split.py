@@ -59,6 +59,7 @@ def test_full_split_round_trip():
   assert np.abs(np.asarray(model(x))).max() > 0
 
 
+@pytest.mark.slow
 def test_lora_split_contents_and_round_trip():
   model = _lora_encoder()
   batch = _batch()
@@ -98,6 +99,7 @@ def test_split_errors():
     peft.split_model(lora_model, 'lora', extra_trainable=('classifer',))
 
 
+@pytest.mark.slow
 def test_grad_through_loss_fn():
   model = _lora_encoder()
   split = peft.split_model(model, 'lora', extra_trainable=('classifier',))
@@ -149,6 +151,7 @@ def test_vmap_over_clients():
                              np.asarray(single['loss']), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_loss_over_clients_with_dropout_keys():
   model = _lora_encoder()
   split = peft.split_model(model, 'lora', extra_trainable=('classifier',))

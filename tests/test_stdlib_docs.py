@@ -14,6 +14,7 @@ def default_data():
   return stdlib_docs.build_stdlib_docstrings()
 
 
+@pytest.mark.slow
 def test_default_dataset(default_data):
   data = default_data
   n = data['text'].shape[0]
@@ -37,6 +38,7 @@ def test_default_dataset(default_data):
   assert len(set(data['module'])) > 50  # enough natural clients
 
 
+@pytest.mark.slow
 def test_deterministic(default_data):
   again = stdlib_docs.build_stdlib_docstrings()
   for key in ('text', 'label', 'module'):

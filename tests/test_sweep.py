@@ -9,6 +9,8 @@ import pytest
 from fedjax_fm import engine
 from tests.test_engine import FROZEN, init_params, loss_fn, make_round_data
 
+pytestmark = pytest.mark.slow
+
 
 def _build(strategy='chunked'):
   return engine.build_round(

@@ -5,6 +5,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import pytest
 
 from fedjax_fm import peft
 from fedjax_fm.models import tasks
@@ -20,6 +21,7 @@ def np_ce(logits, labels):
   return lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
 
 
+@pytest.mark.slow
 def test_features_classification():
   model = MLPClassifier(6, [10], 4, dropout=0.3, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
@@ -70,6 +72,7 @@ def test_classification_task_with_encoder():
       (logits.argmax(-1) == np.array([2, 0, 1])).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_causal_lm_task():
   cfg = DecoderConfig(vocab_size=37, dim=16, num_layers=2, num_heads=4,
                       num_kv_heads=2, mlp_dim=24, max_len=12)

@@ -15,3 +15,5 @@ from fedjax_fm.aggregate.robust import krum
 from fedjax_fm.aggregate.robust import multi_krum
 from fedjax_fm.aggregate.robust import norm_bounded_mean
 from fedjax_fm.aggregate.robust import trimmed_mean
+
+median = coordinate_median   # the coordinate-wise median (Yin et al. 2018)

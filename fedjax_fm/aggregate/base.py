@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -98,11 +99,21 @@ def reduce(aggregator: Aggregator, updates: Any, weights: jax.Array,
 
   Returns:
     ``(delta, info)``, as the round would compute them in one chunk.
+
+  Raises:
+    AssertionError: (`chex`) when ``weights`` is not ``[C]``, an update leaf
+      lacks the leading ``[C]`` axis, or ``delta`` is not shaped like ``params``.
   """
   weights = jnp.asarray(weights, jnp.float32)
+  chex.assert_rank(weights, 1)
+  chex.assert_tree_shape_prefix(updates, weights.shape)
   if params is None:
     params = jax.tree.map(lambda u: jnp.zeros(u.shape[1:], u.dtype), updates)
   if aggregator.is_streaming:
     acc = aggregator.accumulate(aggregator.init(params), updates, weights, params)
-    return aggregator.finalize(acc, params)
-  return aggregator.aggregate(updates, weights, params)
+    delta, info = aggregator.finalize(acc, params)
+  else:
+    delta, info = aggregator.aggregate(updates, weights, params)
+  # Shapes only: a delta may be float32 where the params are another dtype.
+  chex.assert_trees_all_equal_shapes(delta, params)
+  return delta, info

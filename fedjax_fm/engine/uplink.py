@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -103,7 +104,8 @@ def chain(*steps: UplinkStep) -> UplinkStep:
 
   The state is a dict ``{step name: state}`` (e.g. ``{'compress': ...}``) of
   the steps that have one. Every step receives the same key (a step derives its
-  own stream from it).
+  own stream from it), and must return an update of the structure and shapes it
+  received (asserted with `chex`, at trace time).
   """
   names = [step.name or f'step_{i}' for i, step in enumerate(steps)]
   if len(set(names)) != len(names):
@@ -117,7 +119,11 @@ def chain(*steps: UplinkStep) -> UplinkStep:
     new_state, metrics = {}, {}
     for n, step in zip(names, steps):
       s = state.get(n, ())
+      received = update
       update, weight, s, m = step.apply(key, update, weight, s, inputs)
+      chex.assert_trees_all_equal_shapes(
+          update, received,
+          custom_message=f'uplink step {n!r} changed the update\'s structure or shapes')
       if n in state:
         new_state[n] = s
       metrics.update(m)

@@ -52,7 +52,8 @@ DEFAULT_CHUNK_SIZE = 64
 # -------------------------------------------------------------- splitting
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
+def check_int(value: Any, name: str, minimum: int) -> int:
+  """``value`` as an int, or a ValueError naming ``name`` and the minimum."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ValueError(f'`{name}` must be an int >= {minimum}, got {value!r}.')
   if value < minimum:
@@ -131,11 +132,11 @@ def num_eval_batches(dataset: FederatedDataset, batch_size: int,
   Returns:
     ``min(ceil(max_c n_c / batch_size), max_batches)``, at least 1.
   """
-  batch_size = _check_int(batch_size, 'batch_size', 1)
+  batch_size = check_int(batch_size, 'batch_size', 1)
   largest = int(dataset.client_sizes.max()) if dataset.num_clients else 0
   nb = max(-(-largest // batch_size), 1)
   if max_batches is not None:
-    nb = min(nb, _check_int(max_batches, 'max_batches', 1))
+    nb = min(nb, check_int(max_batches, 'max_batches', 1))
   return nb
 
 
@@ -166,8 +167,8 @@ def client_eval_batches(
   if ids.size and (ids.min() < 0 or ids.max() >= dataset.num_clients):
     raise ValueError(
         f'`client_ids` must lie in [0, {dataset.num_clients}), got {ids}.')
-  nb = _check_int(num_batches, 'num_batches', 1)
-  bs = _check_int(batch_size, 'batch_size', 1)
+  nb = check_int(num_batches, 'num_batches', 1)
+  bs = check_int(batch_size, 'batch_size', 1)
   total = ids.size if pad_clients_to is None else int(pad_clients_to)
   if total < ids.size:
     raise ValueError(
@@ -282,10 +283,11 @@ def finalize_client_sums(sums: Mapping[str, np.ndarray],
   return out
 
 
-def _chunks(num_clients: int, chunk_size: int | None) -> tuple[int, list]:
+def client_chunks(num_clients: int, chunk_size: int | None) -> tuple[int, list]:
+  """``(chunk size, [client ids of each chunk])`` for chunked per-client work."""
   if chunk_size is None:
     chunk_size = DEFAULT_CHUNK_SIZE
-  chunk_size = _check_int(chunk_size, 'chunk_size', 1)
+  chunk_size = check_int(chunk_size, 'chunk_size', 1)
   k = min(chunk_size, max(num_clients, 1))
   return k, [np.arange(s, min(s + k, num_clients))
              for s in range(0, num_clients, k)]
@@ -345,7 +347,7 @@ def per_client_eval(
             '`client_axis=True` needs a leading axis of size num_clients='
             f'{num_clients} on every trainable leaf, got shape '
             f'{np.shape(leaf)}.')
-  k, chunks = _chunks(num_clients, chunk_size)
+  k, chunks = client_chunks(num_clients, chunk_size)
   run = _chunk_eval(eval_fn, bool(client_axis))
 
   def host_chunks():

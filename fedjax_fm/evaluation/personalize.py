@@ -122,8 +122,8 @@ def personalize(
     ValueError: on invalid arguments.
   """
   _check_datasets(train_ds, test_ds)
-  steps = federated._check_int(steps, 'steps', 1)  # pylint: disable=protected-access
-  batch_size = federated._check_int(batch_size, 'batch_size', 1)  # pylint: disable=protected-access
+  steps = federated.check_int(steps, 'steps', 1)
+  batch_size = federated.check_int(batch_size, 'batch_size', 1)
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f'`seed` must be an int, got {seed!r}.')
   if not isinstance(optimizer, optax.GradientTransformation):
@@ -141,7 +141,7 @@ def personalize(
   smallest = int(sizes[sizes > 0].min()) if np.any(sizes > 0) else 1
   max_epochs = max(-(-steps * batch_size // smallest), 1)
   num_clients = train_ds.num_clients
-  k, chunks = federated._chunks(num_clients, chunk_size)  # pylint: disable=protected-access
+  k, chunks = federated.client_chunks(num_clients, chunk_size)
   run = _build_chunk_fn(loss_fn, eval_fn, optimizer)
   seed_key = jax.random.key(int(seed))
 

@@ -30,7 +30,7 @@ from flax import nnx
 from fedjax_fm.models.layers import dropout
 from fedjax_fm.peft.surgery import match_paths
 from fedjax_fm.peft.surgery import normalize_patterns
-from fedjax_fm.peft.surgery import path_matches  # noqa: F401  (used by slora)
+
 from fedjax_fm.peft.surgery import wrap_linears
 
 __all__ = [

@@ -320,10 +320,11 @@ def low_rank_factors(
     u, vt = qp @ u, vt @ t(qq)
   else:
     u, s, vt = jnp.linalg.svd(p @ q, full_matrices=False)
-  return _balanced(u, s, vt, rank)
+  return balanced_factors(u, s, vt, rank)
 
 
-def _balanced(u, s, vt, rank):
+def balanced_factors(u, s, vt, rank):
+  """``A = U_r sqrt(S_r)``, ``B = sqrt(S_r) V_r^T`` from an SVD, zero-padded to ``rank``."""
   kept = min(rank, s.shape[-1])
   root = jnp.sqrt(jnp.maximum(s[..., :kept], 0.0))
   a = u[..., :, :kept] * root[..., None, :]
@@ -707,7 +708,7 @@ def ffa() -> Aggregator:
 def _dense_factors(m, rank):
   """Balanced rank-``rank`` factors of dense ``m [..., in, out]`` (truncated SVD)."""
   u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-  return _balanced(u, s, vt, rank)
+  return balanced_factors(u, s, vt, rank)
 
 
 def product() -> Aggregator:

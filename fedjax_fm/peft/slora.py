@@ -41,13 +41,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_fm.peft.adapters import normalize_patterns
+from fedjax_fm.peft.surgery import normalize_patterns
 from fedjax_fm.peft.lora import LoRALinear
 from fedjax_fm.peft.lora import apply_lora
-from fedjax_fm.peft.lora import path_matches
-from fedjax_fm.peft.lora_aggregation import _balanced
+from fedjax_fm.peft.surgery import path_matches
+from fedjax_fm.peft.lora_aggregation import balanced_factors
 from fedjax_fm.peft.split import Split
-from fedjax_fm.peft.split import _extra_filter
+from fedjax_fm.peft.split import extra_filter
 
 __all__ = [
     'lora_init_from_update',
@@ -96,7 +96,7 @@ def sparse_masks(
     raise ValueError(f'density must be in (0, 1], got {density!r}')
   if isinstance(keep_dense, str):
     keep_dense = (keep_dense,)
-  dense = _extra_filter(tuple(keep_dense))
+  dense = extra_filter(tuple(keep_dense))
   rng = np.random.default_rng(seed)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params_like)
   masks = []
@@ -183,7 +183,7 @@ def sparse_split(
 
   trainable_filter = nnx.All(
       nnx.Param,
-      nnx.Any(is_target_kernel, _extra_filter(tuple(extra_trainable))),
+      nnx.Any(is_target_kernel, extra_filter(tuple(extra_trainable))),
   )
   graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
   return Split(graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen))
@@ -209,7 +209,7 @@ def lora_init_from_update(
     raise ValueError(f'rank must be an int >= 1, got {rank!r}')
   u, s, vt = jnp.linalg.svd(
       jnp.asarray(delta_w, jnp.float32), full_matrices=False)
-  return _balanced(u, s, vt, rank)
+  return balanced_factors(u, s, vt, rank)
 
 
 def _get_module(model, path):

@@ -53,7 +53,8 @@ class Split(NamedTuple):
   frozen: dict
 
 
-def _extra_filter(patterns: Sequence[str]):
+def extra_filter(patterns: Sequence[str]):
+  """An nnx filter matching params whose dotted path matches one of ``patterns``."""
   def predicate(path, value):
     del value
     return any(
@@ -119,7 +120,7 @@ def split_model(
           'fedjax_fm.peft.apply_lora(model, ...) first.'
       )
     for pattern in extra_trainable:
-      found = nnx.state(model, nnx.All(nnx.Param, _extra_filter([pattern])))
+      found = nnx.state(model, nnx.All(nnx.Param, extra_filter([pattern])))
       if not jax.tree_util.tree_leaves(found):
         raise ValueError(
             f'extra_trainable pattern {pattern!r} matched no nnx.Param'
@@ -127,7 +128,7 @@ def split_model(
     # LoRAParam is a subclass of Param: it goes first so it is not caught by
     # any later Param filter.
     trainable_filter = nnx.Any(
-        nnx.LoRAParam, nnx.All(nnx.Param, _extra_filter(extra_trainable))
+        nnx.LoRAParam, nnx.All(nnx.Param, extra_filter(extra_trainable))
     )
     graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
   return Split(
@@ -211,13 +212,13 @@ def _split_peft_params(model, method, extra_trainable):
         f'{own.__name__} variables')
     raise ValueError(f'method={method!r} found no {what} in the model; {hint}')
   for pattern in extra_trainable:
-    found = nnx.state(model, nnx.All(nnx.Param, _extra_filter([pattern])))
+    found = nnx.state(model, nnx.All(nnx.Param, extra_filter([pattern])))
     if not jax.tree_util.tree_leaves(found):
       raise ValueError(
           f'extra_trainable pattern {pattern!r} matched no nnx.Param'
       )
   # The method's own filter goes first: AdapterParam/IA3Param subclass Param.
   trainable_filter = nnx.Any(
-      own, nnx.All(nnx.Param, _extra_filter(extra_trainable))
+      own, nnx.All(nnx.Param, extra_filter(extra_trainable))
   )
   return nnx.split(model, trainable_filter, ...)

@@ -125,7 +125,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
 
   # ---- aggregation, attacks, compression, pruning
   aggregator = registries.AGGREGATORS[config.aggregator.name](config.aggregator, config.seed)
-  if p.method in ('lora', 'slora') and not sparse_stage:
+  if (p.method in ('lora', 'slora') and not sparse_stage
+      and config.aggregator.name == 'mean'):   # a LoRA mode is itself the (streaming) mean
     aggregator = registries.LORA_AGGREGATION[p.lora_aggregation](p)
   attack = None
   attackers = np.zeros(population, bool)

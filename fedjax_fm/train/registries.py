@@ -185,6 +185,8 @@ AGGREGATORS = Registry('aggregator.name', {
 # -------------------------------------------------------------- compressors
 
 def _compressor_kwargs(name: str, x, fraction, bits) -> dict:
+  if name == 'identity':
+    return {}
   kw = dict(min_size=x.min_size)
   if name in ('top_k', 'random_k'):
     kw['fraction_or_k'] = fraction
