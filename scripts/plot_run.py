@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:  # no fedjax_fm import here: plotting needs neither jax nor the package
+  import matplotlib
+except ImportError as e:
+  raise ImportError('scripts/plot_run.py needs matplotlib: pip install "fedjax_fm[plot]"') from e
 
-from fedjax_fm._optional import require  # noqa: E402
-
-matplotlib = require('matplotlib', 'plot', 'scripts/plot_run.py')
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 

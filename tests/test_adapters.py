@@ -97,6 +97,7 @@ def test_errors():
     peft.split_model(enc, 'adapter')
 
 
+@pytest.mark.slow
 def test_split_counts_and_training_changes_only_adapters():
   enc = _pretrained_like(Encoder(ENC, rngs=nnx.Rngs(0)))
   before = _flat(nnx.to_pure_dict(nnx.state(enc)))

@@ -50,6 +50,7 @@ def test_bitfit_errors():
     peft.split_model(enc, 'bitfitt')
 
 
+@pytest.mark.slow
 def test_bitfit_training_changes_only_biases_and_learns():
   enc = _pretrained_like(Encoder(ENC, rngs=nnx.Rngs(0)))
   before = _flat(nnx.to_pure_dict(nnx.state(enc)))

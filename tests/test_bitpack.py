@@ -1,5 +1,6 @@
 """Tests for fedjax_fm.compress.bitpack."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,14 +47,19 @@ def test_jit_vmap_and_leading_axes():
   np.testing.assert_array_equal(np.asarray(_unpack(words, 4, 37)), values)
 
 
-def test_high_bits_are_masked_and_bool_input():
-  np.testing.assert_array_equal(
-      np.asarray(bitpack.unpack_bits(bitpack.pack_bits(np.array([5, 6, 7]), 2), 2, 3)),
-      [1, 2, 3])
-  mask = np.array([True, False, True, True, False] * 10)
-  words = bitpack.pack_bits(mask, 1)
-  assert words.shape == (2,)
-  np.testing.assert_array_equal(np.asarray(bitpack.unpack_bits(words, 1, 50)).astype(bool), mask)
+class BitpackVariantsTest(chex.TestCase):
+  """Masking of high bits and bool input, with and without jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_high_bits_are_masked_and_bool_input(self):
+    pack = self.variant(bitpack.pack_bits, static_argnums=1)
+    unpack = self.variant(bitpack.unpack_bits, static_argnums=(1, 2))
+    np.testing.assert_array_equal(np.asarray(unpack(pack(np.array([5, 6, 7]), 2), 2, 3)),
+                                  [1, 2, 3])
+    mask = np.array([True, False, True, True, False] * 10)
+    words = pack(mask, 1)
+    assert words.shape == (2,)
+    np.testing.assert_array_equal(np.asarray(unpack(words, 1, 50)).astype(bool), mask)
 
 
 def test_errors():

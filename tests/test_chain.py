@@ -1,12 +1,14 @@
 """Tests for fedjax_fm.compress.chain, the size formulas, the registry, and
 every operator under jit and vmap over a clients axis."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedjax_fm import compress
+from fedjax_fm.compress import base as compress_base
 
 KEY = jax.random.key(0)
 
@@ -18,45 +20,54 @@ def _tree(seed=0):
           'b': rng.normal(size=(24,)).astype(np.float32)}
 
 
-def test_chain_top_k_then_quantize():
-  tree = _tree()
-  c = compress.chain(compress.top_k(0.05, min_size=100), compress.stochastic_uniform(4, min_size=8))
-  payload, state = jax.jit(c.encode)(KEY, tree, c.init(tree))
-  assert isinstance(payload, compress.ChainPayload) and state == ((), ())
-  # On the wire: the top-k indices (uint16) and the 4-bit values + scales.
-  kept_dtypes = sorted(str(x.dtype) for x in payload.kept)
-  assert kept_dtypes == ['uint16', 'uint16']                      # w and conv indices
-  quantized = [p for p in payload.inner if isinstance(p, compress.QuantizedPayload)]
-  assert len(quantized) == 3                                      # w, conv values and b
-  out = jax.jit(c.decode)(payload)
-  # Reference: the same two stages by hand, with the chain's key split.
-  top = compress.top_k(0.05, min_size=100)
-  su = compress.stochastic_uniform(4, min_size=8)
+class ChainVariantsTest(chex.TestCase):
+  """The chain against stage-by-stage references, with and without jit."""
 
-  @jax.jit
-  def by_hand(key, tree):
-    k1, k2 = jax.random.split(key)
-    p1, _ = top.encode(k1, tree, ())
-    leaves, treedef = jax.tree.flatten(p1)
-    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-    decoded = iter(su.decode(su.encode(k2, floats, ())[0]))
-    leaves = [next(decoded) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in leaves]
-    return top.decode(treedef.unflatten(leaves)), p1
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_chain_top_k_then_quantize(self):
+    tree = _tree()
+    c = compress_base.checked(compress.chain(compress.top_k(0.05, min_size=100),
+                                             compress.stochastic_uniform(4, min_size=8)))
 
-  ref, p1 = by_hand(KEY, tree)
-  for k in tree:
-    np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), atol=1e-6)
-  # Nonzeros only at top-k positions, each within one 4-bit step of the value.
-  w = np.asarray(out['w'])
-  support = np.asarray(p1['w'].indices)
-  assert set(np.flatnonzero(w)) <= set(support.tolist())
-  vals = tree['w'].reshape(-1)[support]
-  step = (vals.max() - vals.min()) / 15
-  assert np.abs(w.reshape(-1)[support] - vals).max() <= step + 1e-6
-  # Bytes: indices + packed 4-bit values + 2 scales, per leaf.
-  assert compress.payload_nbytes(c, tree) == compress.nbytes_formula(
-      tree, ('top_k', {'fraction_or_k': 0.05, 'min_size': 100}),
-      ('stochastic_uniform', {'bits': 4, 'min_size': 8}))
+    def roundtrip(key, tree, state):
+      payload, state = c.encode(key, tree, state)
+      return payload, state, c.decode(payload)
+
+    payload, state, out = self.variant(roundtrip)(KEY, tree, c.init(tree))
+    assert isinstance(payload, compress.ChainPayload) and state == ((), ())
+    # On the wire: the top-k indices (uint16) and the 4-bit values + scales.
+    kept_dtypes = sorted(str(x.dtype) for x in payload.kept)
+    assert kept_dtypes == ['uint16', 'uint16']                      # w and conv indices
+    quantized = [p for p in payload.inner if isinstance(p, compress.QuantizedPayload)]
+    assert len(quantized) == 3                                      # w, conv values and b
+    # Reference: the same two stages by hand, with the chain's key split.
+    top = compress.top_k(0.05, min_size=100)
+    su = compress.stochastic_uniform(4, min_size=8)
+
+    @jax.jit
+    def by_hand(key, tree):
+      k1, k2 = jax.random.split(key)
+      p1, _ = top.encode(k1, tree, ())
+      leaves, treedef = jax.tree.flatten(p1)
+      floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+      decoded = iter(su.decode(su.encode(k2, floats, ())[0]))
+      leaves = [next(decoded) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in leaves]
+      return top.decode(treedef.unflatten(leaves)), p1
+
+    ref, p1 = by_hand(KEY, tree)
+    for k in tree:
+      np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), atol=1e-6)
+    # Nonzeros only at top-k positions, each within one 4-bit step of the value.
+    w = np.asarray(out['w'])
+    support = np.asarray(p1['w'].indices)
+    assert set(np.flatnonzero(w)) <= set(support.tolist())
+    vals = tree['w'].reshape(-1)[support]
+    step = (vals.max() - vals.min()) / 15
+    assert np.abs(w.reshape(-1)[support] - vals).max() <= step + 1e-6
+    # Bytes: indices + packed 4-bit values + 2 scales, per leaf.
+    assert compress.payload_nbytes(c, tree) == compress.nbytes_formula(
+        tree, ('top_k', {'fraction_or_k': 0.05, 'min_size': 100}),
+        ('stochastic_uniform', {'bits': 4, 'min_size': 8}))
 
 
 def test_chain_three_stages_and_error_feedback():
@@ -75,6 +86,76 @@ def test_chain_three_stages_and_error_feedback():
     compress.chain()
   with pytest.raises(ValueError, match=r'compressors\[1\] must be a Compressor'):
     compress.chain(compress.sign(), 'sign')
+
+
+# Arguments for every registered factory (the others need none).
+REGISTERED_KWARGS = {
+    'top_k': {'fraction_or_k': 0.1},
+    'random_k': {'fraction_or_k': 0.1},
+    'threshold': {'tau': 1.0},
+    'stochastic_uniform': {'bits': 4, 'block_size': 64},
+    'qsgd': {'bits': 4},
+    'deterministic': {'bits': 8},
+    'svd': {'rank': 2},
+    'powersgd': {'rank': 2},
+}
+
+
+def _registered(name):
+  return compress.get_compressor(name, **REGISTERED_KWARGS.get(name, {}))
+
+
+def _contract_tree():
+  rng = np.random.default_rng(4)
+  return {'w': jnp.asarray(rng.normal(size=(16, 12)), jnp.float32),
+          'h': jnp.asarray(rng.normal(size=(8, 4, 6)), jnp.bfloat16),
+          'b': jnp.asarray(rng.normal(size=(12,)), jnp.float32),
+          'step': jnp.asarray(3, jnp.int32)}
+
+
+@pytest.mark.parametrize('name', sorted(compress.COMPRESSORS))
+def test_registered_compressor_contract_on_shapes(name):
+  """decode(encode(x)) has x's structure, shapes and dtypes; the state keeps its own.
+
+  Checked abstractly (nothing runs) for the compressor alone, under error
+  feedback, and inside a chain, on a tree with f32, bf16, int and > 65536 leaves.
+  """
+  shapes = {'w': jax.ShapeDtypeStruct((40, 24), jnp.float32),
+            'big': jax.ShapeDtypeStruct((300, 257), jnp.float32),
+            'odd': jax.ShapeDtypeStruct((7, 11, 13), jnp.bfloat16),
+            'b': jax.ShapeDtypeStruct((24,), jnp.float32),
+            'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  c = _registered(name)
+  for wrapped in (c, compress.error_feedback(c), compress.chain(c, compress.sign())):
+    payload, out, state = compress_base.check_roundtrip(wrapped, shapes)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, shapes)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, jax.eval_shape(wrapped.init, shapes))
+    assert jax.tree.leaves(payload)
+
+
+class ContractViolationsTest(chex.TestCase):
+  """`compress_base.checked` rejects a broken compressor, with and without jit."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_contract_violations_raise(self):
+    tree = _contract_tree()
+    shrinks = compress.Compressor(
+        lambda p: (),
+        lambda k, t, s: (jax.tree.map(lambda x: x.reshape(-1)[:1], t), s),
+        lambda p: p)
+    casts = compress.Compressor(
+        lambda p: (), lambda k, t, s: (t, s),
+        lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p))
+    grows = compress.Compressor(
+        lambda p: {'n': jnp.zeros(())}, lambda k, t, s: (t, {'n': jnp.zeros((2,))}),
+        lambda p: p)
+    for bad, match in ((shrinks, 'shapes'), (casts, 'dtypes'), (grows, 'state')):
+      with self.assertRaisesRegex(AssertionError, match):
+        self.variant(compress_base.checked(bad).encode)(KEY, tree, bad.init(tree))
+    # The unchecked compressor runs; only the wrapper asserts.
+    self.variant(shrinks.encode)(KEY, tree, ())
+    with self.assertRaisesRegex(AssertionError, 'decode'):
+      compress_base.check_roundtrip(shrinks, tree)
 
 
 STAGES = [

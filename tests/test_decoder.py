@@ -140,6 +140,7 @@ def test_shapes_and_names(tie):
     model(jnp.zeros((1, 13), jnp.int32))
 
 
+@pytest.mark.slow
 def test_bf16_compute_gives_f32_logits():
   cfg = DecoderConfig(**{**TINY.__dict__, 'dtype': jnp.bfloat16})
   logits = Decoder(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 5), jnp.int32))

@@ -236,7 +236,6 @@ def test_same_seed_same_result_and_bytes():
 
 def test_client_keys_follow_client_id_not_position():
   """Per-client randomness is fold_in(fold_in(key, round), client_id)."""
-  seen = {}
 
   def noisy_loss(params, frozen, batch, key):
     # A loss whose gradient depends on the key.

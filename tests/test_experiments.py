@@ -138,6 +138,7 @@ def test_main_binary_runs_default_tiny(tmp_path):
   assert len(_read_metrics(workdir)) == 1
 
 
+@pytest.mark.slow
 def test_main_binary_rejects_bad_override(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.main',

@@ -127,6 +127,7 @@ def _streamed(agg, params):
 
 
 @pytest.mark.parametrize('probes', [16, 64])
+@pytest.mark.slow
 def test_fedit_probe_error_is_within_its_error_bars(probes):
   params, updates = _problem(nan_client=True)
   want = float(la.aggregation_error(updates, jnp.asarray(WEIGHTS), params))

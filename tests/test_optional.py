@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from fedjax_fm import _optional
+from fedjax_fm import extras
 from fedjax_fm.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_require_returns_the_module():
-  assert _optional.require('json', 'none', 'x') is sys.modules['json']
+  assert extras.require('json', 'none', 'x') is sys.modules['json']
 
 
 def test_require_names_the_extra(monkeypatch):
@@ -22,7 +22,7 @@ def test_require_names_the_extra(monkeypatch):
   with pytest.raises(ImportError, match=(
       r'--config.tensorboard=True needs tensorboardX: '
       r'pip install "fedjax_fm\[tensorboard\]"')) as e:
-    _optional.require('tensorboardX', 'tensorboard', '--config.tensorboard=True')
+    extras.require('tensorboardX', 'tensorboard', '--config.tensorboard=True')
   assert isinstance(e.value.__cause__, ImportError)
 
 
@@ -38,16 +38,16 @@ def test_extras_are_declared():
   tomllib = pytest.importorskip('tomllib')
   with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
     project = tomllib.load(f)['project']
-  extras = project['optional-dependencies']
+  declared = project['optional-dependencies']
   core = ' '.join(project['dependencies']).lower()
-  for module, (_, extra) in _optional.EXTRAS.items():
-    assert extra in extras, (module, extra)
-    for requirement in extras[extra]:
+  for module, (_, extra) in extras.EXTRAS.items():
+    assert extra in declared, (module, extra)
+    for requirement in declared[extra]:
       name = requirement.split('>')[0].split('=')[0].split('[')[0].lower()
       assert name not in core, f'{name} is both core and in extra {extra!r}'
 
 
-_BLOCKED = sorted(_optional.EXTRAS)
+_BLOCKED = sorted(extras.EXTRAS)
 
 _IMPORT_ALL = f"""
 import importlib, pkgutil, sys
@@ -66,6 +66,7 @@ import experiments.main
 """
 
 
+@pytest.mark.slow
 def test_core_imports_without_extras():
   """Every fedjax_fm module (and experiments.main) imports without the extras."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')

@@ -42,3 +42,26 @@ def test_route_trains_tiny(tmp_path, route):
   assert summary['trainable_params'] > 0
   if route in ('prompt', 'prefix', 'full', 'lora_fedit'):
     assert summary['after']['loss'] < summary['before']['loss']
+
+
+@pytest.mark.slow
+def test_slora_stages_share_one_accountant_and_one_metrics_file(tmp_path):
+  """SLoRA is a stage of one loop: the rounds of both stages are accounted together."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from fedjax_fm import privacy  # pylint: disable=g-import-not-at-top
+  c = peft_routes.get_config('slora,tiny')
+  c.progress = c.tensorboard = False
+  c.checkpoint.every = 0
+  c.num_rounds, c.peft.slora_stage1_rounds = 4, 2
+  c.privacy.enabled, c.privacy.noise_multiplier, c.privacy.clip_norm = True, 1.0, 1.0
+  summary = train.run(c, str(tmp_path))
+  records = [json.loads(l) for l in open(os.path.join(tmp_path, 'metrics.jsonl'))]
+  assert [r['round'] for r in records] == [1, 2, 3, 4]
+  eps = [r['epsilon'] for r in records]
+  assert eps == sorted(eps) and eps[2] > eps[1]
+  population = train.build_experiment(c, str(tmp_path / 'x')).data.train.num_clients
+  want = privacy.epsilon(1.0, c.fl.clients_per_round / population, 4, c.privacy.delta,
+                         sampling='fixed', population=population)
+  assert summary['epsilon'] == pytest.approx(want, rel=1e-9)
+  assert 'stage1_after' in summary

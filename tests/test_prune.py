@@ -84,6 +84,7 @@ def test_polynomial_schedule_formula():
     prune.polynomial_schedule(0.0, 1.0, 0, 10)
 
 
+@pytest.mark.slow
 def test_prune_and_regrow_keeps_count(params):
   masks = prune.global_magnitude_masks(params, 0.6, min_size=64)
   p = prune.apply_masks(params, masks)

@@ -1,11 +1,14 @@
 """Tests for fedjax_fm.compress.quantize."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedjax_fm import compress
+from fedjax_fm.compress import base as compress_base
 from fedjax_fm.compress import quantize
 
 NUM_KEYS = 2000
@@ -43,9 +46,13 @@ def np_grid(x, bits, symmetric):
   return x.min(), (x.max() - x.min()) / (levels - 1)
 
 
+def _x():
+  return np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)
+
+
 @pytest.fixture(scope='module')
 def x():
-  return np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)
+  return _x()
 
 
 @pytest.mark.parametrize('bits,symmetric,block_size', [(2, False, None), (4, True, None),
@@ -96,15 +103,6 @@ def test_qsgd_unbiased_and_variance_bound(x, bits, block_size):
   assert total_var <= 1.1 * var.sum() + 1e-8 and var.sum() <= total_bound
 
 
-def test_qsgd_levels_argument(x):
-  payload, out = _roundtrip(compress.qsgd(4, levels=3, min_size=1), x)
-  norm = np.linalg.norm(x)
-  assert payload.levels == 3
-  np.testing.assert_allclose(np.unique(np.abs(out)), norm * np.unique(
-      np.round(np.abs(out) / norm * 3)) / 3, rtol=1e-5)
-  assert set(np.round(np.abs(out).reshape(-1) / norm * 3).astype(int)) <= {0, 1, 2, 3}
-
-
 def test_ternary_unbiased_and_variance(x):
   samples = _samples(compress.ternary(min_size=1), x)
   s = np.abs(x).max()
@@ -115,26 +113,67 @@ def test_ternary_unbiased_and_variance(x):
   np.testing.assert_allclose(samples.astype(np.float64).var(0).sum(), var.sum(), rtol=0.1)
 
 
-def test_sign_matches_numpy(x):
-  x = x.copy()
-  x[0, 0] = 0.0
-  payload, out = _roundtrip(compress.sign(min_size=1), x)
-  np.testing.assert_allclose(out, np.abs(x).mean() * np.where(x >= 0, 1, -1), rtol=1e-6)
-  assert payload.words.shape == (1, 2) and payload.scales.shape == (1, 1)
-  # Per block: the mean of |x| over the real entries of each block (last one partial).
-  _, out = _roundtrip(compress.sign(block_size=32, min_size=1), x)
-  flat = x.reshape(-1)
-  means = np.repeat([np.abs(flat[:32]).mean(), np.abs(flat[32:]).mean()], [32, 28])
-  np.testing.assert_allclose(out.reshape(-1), means * np.where(flat >= 0, 1, -1), rtol=1e-6)
+class QuantizeVariantsTest(chex.TestCase):
+  """Encode/decode against NumPy references, with and without jit.
 
+  Every round trip goes through `compress_base.checked`, so the contract
+  (decoded tree and new state shaped like their inputs) is asserted as well.
+  """
 
-@pytest.mark.parametrize('bits,symmetric', [(2, False), (4, True), (8, False)])
-def test_deterministic_matches_numpy(x, bits, symmetric):
-  _, out = _roundtrip(compress.deterministic(bits, symmetric=symmetric, min_size=1), x)
-  offset, step = np_grid(x, bits, symmetric)
-  q = np.clip(np.round((x - offset) / step), 0, 2 ** bits - 1)
-  np.testing.assert_allclose(out, offset + q * step, rtol=1e-6, atol=1e-6)
-  assert np.abs(out - x).max() <= step / 2 + 1e-6
+  def _roundtrip(self, c, x, key=0):
+    c = compress_base.checked(c)
+
+    def roundtrip(key, tree, state):
+      payload, _ = c.encode(key, tree, state)
+      return payload, c.decode(payload)
+
+    tree = {'w': jnp.asarray(x)}
+    payload, out = self.variant(roundtrip)(jax.random.key(key), tree, c.init(tree))
+    return payload['w'], np.asarray(out['w'])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_stochastic_uniform_rounds_to_a_grid_neighbour(self):
+    x = _x()
+    _, out = self._roundtrip(compress.stochastic_uniform(2, min_size=1), x, key=3)
+    offset, delta = np_grid(x, 2, symmetric=False)
+    t = (x - offset) / delta
+    lo, hi = offset + np.floor(t) * delta, offset + np.ceil(t) * delta
+    assert np.minimum(np.abs(out - lo), np.abs(out - hi)).max() <= 1e-5 * np.abs(x).max()
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_qsgd_levels_argument(self):
+    x = _x()
+    payload, out = self._roundtrip(compress.qsgd(4, levels=3, min_size=1), x)
+    norm = np.linalg.norm(x)
+    assert payload.levels == 3
+    np.testing.assert_allclose(np.unique(np.abs(out)), norm * np.unique(
+        np.round(np.abs(out) / norm * 3)) / 3, rtol=1e-5)
+    assert set(np.round(np.abs(out).reshape(-1) / norm * 3).astype(int)) <= {0, 1, 2, 3}
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_sign_matches_numpy(self):
+    x = _x()
+    x[0, 0] = 0.0
+    payload, out = self._roundtrip(compress.sign(min_size=1), x)
+    np.testing.assert_allclose(out, np.abs(x).mean() * np.where(x >= 0, 1, -1), rtol=1e-6)
+    assert payload.words.shape == (1, 2) and payload.scales.shape == (1, 1)
+    # Per block: the mean of |x| over the real entries of each block (last one partial).
+    _, out = self._roundtrip(compress.sign(block_size=32, min_size=1), x)
+    flat = x.reshape(-1)
+    means = np.repeat([np.abs(flat[:32]).mean(), np.abs(flat[32:]).mean()], [32, 28])
+    np.testing.assert_allclose(out.reshape(-1), means * np.where(flat >= 0, 1, -1),
+                               rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(('2bit', 2, False), ('4bit_symmetric', 4, True),
+                                  ('8bit', 8, False))
+  def test_deterministic_matches_numpy(self, bits, symmetric):
+    x = _x()
+    _, out = self._roundtrip(compress.deterministic(bits, symmetric=symmetric, min_size=1), x)
+    offset, step = np_grid(x, bits, symmetric)
+    q = np.clip(np.round((x - offset) / step), 0, 2 ** bits - 1)
+    np.testing.assert_allclose(out, offset + q * step, rtol=1e-6, atol=1e-6)
+    assert np.abs(out - x).max() <= step / 2 + 1e-6
 
 
 def test_deterministic_8_bit_exact_on_grid():

@@ -1,5 +1,6 @@
 """Tests for fedjax_fm.aggregate.robust."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,3 +170,53 @@ def test_invalid_arguments():
     robust.geometric_median(num_iters=-1)
   with pytest.raises(ValueError, match='max_norm'):
     robust.norm_bounded_mean(0.0)
+
+
+class ReduceVariantsTest(chex.TestCase):
+  """Aggregators through `aggregate.reduce` against NumPy, with and without jit."""
+
+  def _reduce(self, agg, u, w, params=None):
+    return self.variant(lambda u, w, p: aggregate.reduce(agg, u, w, p))(u, w, params)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_robust_aggregators_vs_numpy(self):
+    num = 6
+    u, w = _stack(np.random.default_rng(11), num, pad=2)   # padding: NaN and 1e30
+    real = jax.tree.map(lambda x: x[:num], u)
+    med, info = self._reduce(robust.coordinate_median(), u, w)
+    np.testing.assert_allclose(info['total_weight'], w[:num].sum(), rtol=1e-6)
+    tm, _ = self._reduce(robust.trimmed_mean(0.2), u, w)
+    for name in ('a', 'b'):
+      np.testing.assert_allclose(med[name], np.median(real[name], axis=0), rtol=1e-6)
+      np.testing.assert_allclose(tm[name], _trim_mean_ref(real[name], 0.2),
+                                 rtol=1e-5, atol=1e-6)
+    # Streaming kinds, in one chunk: norm-bounded and plain weighted mean.
+    flat = _flat(jax.tree.map(lambda x: x.astype(np.float64), real))
+    norms = np.linalg.norm(flat, axis=1)
+    clipped = flat * np.minimum(1, 2.0 / norms)[:, None]
+    params = jax.tree.map(lambda x: np.zeros(x.shape[1:], np.float32), u)
+    nbm, info = self._reduce(robust.norm_bounded_mean(2.0), u, w, params)
+    np.testing.assert_allclose(_flat(jax.tree.map(lambda x: x[None], nbm))[0],
+                               (w[:num, None] * clipped).sum(0) / w[:num].sum(), rtol=1e-5)
+    np.testing.assert_allclose(info['clipped_fraction'], np.mean(norms > 2.0))
+    mean, info = self._reduce(aggregate.weighted_mean(), u, w, params)
+    np.testing.assert_allclose(_flat(jax.tree.map(lambda x: x[None], mean))[0],
+                               (w[:num, None] * flat).sum(0) / w[:num].sum(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(info['total_weight'], w[:num].sum(), rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_reduce_asserts_shapes(self):
+    u, w = _stack(np.random.default_rng(12), 4)
+    agg = robust.coordinate_median()
+    with self.assertRaisesRegex(AssertionError, 'rank'):
+      self._reduce(agg, u, w[None])                             # weights not [C]
+    with self.assertRaisesRegex(AssertionError, 'shape prefix'):
+      self._reduce(agg, u, w[:3])                               # updates not [C, ...]
+    bad_params = {'a': np.zeros((2, 3), np.float32), 'b': np.zeros(5, np.float32)}
+    with self.assertRaisesRegex(AssertionError, 'shapes'):
+      self._reduce(agg, u, w, bad_params)                       # delta not like params
+    # bf16 params and f32 updates: only shapes must agree.
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], jnp.bfloat16), u)
+    delta, _ = self._reduce(aggregate.weighted_mean(), u, w, params)
+    chex.assert_trees_all_equal_shapes(delta, params)

@@ -136,6 +136,7 @@ def test_grad_through_loss_fn():
       np.asarray(want), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_over_clients():
   model = _lora_encoder()
   split = peft.split_model(model, 'lora', extra_trainable=('classifier',))

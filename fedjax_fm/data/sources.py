@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_fm import _optional
+from fedjax_fm import extras
 
 PathLike = str | os.PathLike[str]
 
@@ -102,7 +102,7 @@ def load_tfds(
     ImportError: When TensorFlow Datasets is not installed (the ``tfds``
       extra: ``pip install "fedjax_fm[tfds]"``).
   """
-  tfds = _optional.require('tensorflow_datasets', 'tfds', 'data.source="tfds"')
+  tfds = extras.require('tensorflow_datasets', 'tfds', 'data.source="tfds"')
 
   if max_examples is not None and (
       isinstance(max_examples, bool) or

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from fedjax_fm import _optional
+from fedjax_fm import extras
 from fedjax_fm import sharding
 
 logger = logging.getLogger('fedjax_fm')
@@ -25,7 +25,7 @@ def fmt_bytes(n: float) -> str:
 
 def tensorboard_writer(logdir: str):
   """A TensorBoard event writer (needs the ``tensorboard`` extra)."""
-  tensorboardx = _optional.require('tensorboardX', 'tensorboard', 'config.tensorboard=True')
+  tensorboardx = extras.require('tensorboardX', 'tensorboard', 'config.tensorboard=True')
   return tensorboardx.SummaryWriter(logdir)
 
 
