@@ -343,3 +343,46 @@ def test_registry_and_errors():
   with pytest.raises(ValueError, match='rank'):
     la.low_rank_factors(jnp.ones((3, 2)), jnp.ones((2, 3)), 0)
   assert la.MODES == ('fedit', 'ffa', 'product', 'stack')
+
+
+_PROGRAM = r'''
+import hashlib, jax, optax
+from flax import nnx
+from fedjax_fm import engine, peft
+from fedjax_fm.models import tasks
+from fedjax_fm.models.mlp import MLPClassifier
+from fedjax_fm.peft import lora_aggregation as la
+model = MLPClassifier(4, [6], 3, rngs=nnx.Rngs(0))
+peft.apply_lora(model, rank=2, alpha=4.0, target_modules=('layers.0', 'classifier'),
+                rngs=nnx.Rngs(1))
+split = peft.split_model(model, 'lora')
+loss_fn = tasks.make_loss_fn(split.graphdef, tasks.features_classification_task())
+fed = engine.build_round(loss_fn, split.trainable, client_optimizer=optax.sgd(0.5),
+                         server_optimizer=optax.sgd(1.0), num_clients=3, strategy='vmap',
+                         aggregator=la.fedit())
+state = fed.init(split.trainable, jax.random.key(0))
+data = {'batch': {'x': jax.ShapeDtypeStruct((3, 2, 4, 4), 'float32'),
+                  'label': jax.ShapeDtypeStruct((3, 2, 4), 'int32')},
+        'example_mask': jax.ShapeDtypeStruct((3, 2, 4), 'bool'),
+        'step_mask': jax.ShapeDtypeStruct((3, 2), 'bool'),
+        'weight': jax.ShapeDtypeStruct((3,), 'float32'),
+        'client_id': jax.ShapeDtypeStruct((3,), 'int32')}
+text = fed.apply.lower(state, split.frozen, data).as_text()
+print(hashlib.sha256(text.encode()).hexdigest())
+'''
+
+
+def test_probe_round_is_the_same_program_in_every_process():
+  """The fedit probes depend on nothing process-specific (e.g. Python's string hash
+  seed), so the compiled round is reproducible and the compilation cache hits."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  digests = set()
+  for seed in ('1', '2'):
+    env = {**os.environ, 'PYTHONHASHSEED': seed, 'JAX_PLATFORMS': 'cpu'}
+    out = subprocess.run([sys.executable, '-c', _PROGRAM], cwd=root, env=env,
+                         capture_output=True, text=True, check=True)
+    digests.add(out.stdout.strip().splitlines()[-1])
+  assert len(digests) == 1, digests

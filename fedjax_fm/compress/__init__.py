@@ -1,6 +1,8 @@
 """Compression operators applied to client updates before aggregation."""
 
 from fedjax_fm.compress.base import Compressor
+from fedjax_fm.compress.base import check_roundtrip
+from fedjax_fm.compress.base import checked
 from fedjax_fm.compress.base import identity
 from fedjax_fm.compress.base import payload_nbytes
 from fedjax_fm.compress.bitpack import pack_bits

@@ -56,6 +56,7 @@ References:
 from __future__ import annotations
 
 import inspect
+import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -554,8 +555,8 @@ def _valid_weights(weights):
 def _probe_matrix(path, dout, probes):
   """Fixed Gaussian probes ``Z [out, P]`` of a pair (the same on every device)."""
   key = jax.random.key(0)
-  for k in path:
-    key = jax.random.fold_in(key, hash(str(k)) % (2**31))
+  for k in path:   # crc32, not hash(): the same probes in every process
+    key = jax.random.fold_in(key, zlib.crc32(str(k).encode()) % (2**31))
   return jax.random.normal(key, (dout, probes), jnp.float32)
 
 
@@ -576,6 +577,21 @@ def _add_dense(sums, updates, valid, w, params):
     a_i, b_i = _client_factors(params, updates, path, valid)
     _set_in(out, path, _get(sums, path) + jnp.einsum('k,kir,kro->io', w, a_i, b_i))
   return out
+
+
+def _mean_and_dense_products(mean):
+  """``init`` and ``accumulate`` of (the weighted mean, dense ``sum_i w_i A_i B_i``)."""
+
+  def init(params):
+    return mean.init(params), _dense_sums(params)
+
+  def accumulate(acc, updates, weights, params):
+    macc, sums = acc
+    valid, w = _valid_weights(weights)
+    return (mean.accumulate(macc, updates, weights),
+            _add_dense(sums, updates, valid, w, params))
+
+  return init, accumulate
 
 
 def fedit(error: str = 'probe', probes: int = 16) -> Aggregator:
@@ -727,15 +743,7 @@ def product() -> Aggregator:
     A streaming :class:`~fedjax_fm.aggregate.Aggregator`.
   """
   mean = weighted_mean()
-
-  def init(params):
-    return mean.init(params), _dense_sums(params)
-
-  def accumulate(acc, updates, weights, params):
-    macc, sums = acc
-    valid, w = _valid_weights(weights)
-    return (mean.accumulate(macc, updates, weights),
-            _add_dense(sums, updates, valid, w, params))
+  init, accumulate = _mean_and_dense_products(mean)
 
   def finalize(acc, params):
     macc, sums = acc
@@ -782,15 +790,7 @@ def stack(scaling: float) -> Aggregator:
     (:class:`~fedjax_fm.aggregate.BaseMerge`).
   """
   mean = weighted_mean()
-
-  def init(params):
-    return mean.init(params), _dense_sums(params)
-
-  def accumulate(acc, updates, weights, params):
-    macc, sums = acc
-    valid, w = _valid_weights(weights)
-    return (mean.accumulate(macc, updates, weights),
-            _add_dense(sums, updates, valid, w, params))
+  init, accumulate = _mean_and_dense_products(mean)
 
   def finalize(acc, params):
     macc, sums = acc
