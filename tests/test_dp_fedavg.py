@@ -63,7 +63,7 @@ def test_fixed_denominator_mean_uniform_and_ignores_padding():
   agg = dp_fedavg.fixed_denominator_mean(expected_clients=4)
   u = {'w': jnp.array([[1.0, 2.0], [3.0, 4.0], [jnp.nan, 1e9]])}
   weights = jnp.array([10.0, 1.0, 0.0])  # example counts must not matter
-  acc = agg.init({'w': jnp.zeros(2)})
+  acc = agg.zero({'w': jnp.zeros(2)})
   acc = agg.accumulate(acc, jax.tree.map(lambda x: x[:2], u), weights[:2])
   acc = agg.accumulate(acc, jax.tree.map(lambda x: x[2:], u), weights[2:])
   mean, info = agg.finalize(acc)
@@ -80,7 +80,7 @@ def test_end_to_end_in_jit():
   @jax.jit
   def round_(key, updates, weights):
     clipped, norms = jax.vmap(dp.clip)(updates)
-    acc = agg.accumulate(agg.init(jax.tree.map(lambda x: x[0], updates)),
+    acc = agg.accumulate(agg.zero(jax.tree.map(lambda x: x[0], updates)),
                          clipped, dp.uniform_weights(weights))
     mean, _ = agg.finalize(acc)
     return dp.noise(key, mean, 3), norms

@@ -117,7 +117,7 @@ def test_fedit_is_streaming_mean_and_aggregation_error_matches_numpy():
 def _streamed(agg, params):
   @jax.jit
   def run(updates, weights):
-    acc = agg.init(params)
+    acc = agg.zero(params)
     # Two chunks, as the chunked strategy would feed them.
     for lo, hi in ((0, 2), (2, C)):
       chunk = jax.tree.map(lambda u: u[lo:hi], updates)
@@ -162,7 +162,7 @@ def test_freeze_lora_a_and_ffa_is_exact():
       np.asarray(forward(ffa_split.trainable, ffa_split.frozen)),
       np.asarray(forward(split.trainable, split.frozen)))
   with pytest.raises(ValueError, match='freeze_lora_a'):
-    la.lora_aggregator('ffa').init(split.trainable)
+    la.lora_aggregator('ffa').zero(split.trainable)
   with pytest.raises(ValueError, match='no LoRA pair'):
     peft.freeze_lora_a(ffa_split)
   # Only B moves: averaging B is the exact average of the products.
@@ -372,6 +372,7 @@ print(hashlib.sha256(text.encode()).hexdigest())
 '''
 
 
+@pytest.mark.slow
 def test_probe_round_is_the_same_program_in_every_process():
   """The fedit probes depend on nothing process-specific (e.g. Python's string hash
   seed), so the compiled round is reproducible and the compilation cache hits."""

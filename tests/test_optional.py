@@ -73,3 +73,11 @@ def test_core_imports_without_extras():
   out = subprocess.run([sys.executable, '-c', _IMPORT_ALL], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-4000:]
+
+
+def test_tensorboard_off_without_its_extra_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+  from fedjax_fm.train import logs  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, 'tensorboardX', None)   # import fails
+  assert logs.tensorboard_writer(str(tmp_path)) is None
+  out = capsys.readouterr().out
+  assert 'pip install "fedjax_fm[tensorboard]"' in out and 'metrics.jsonl only' in out

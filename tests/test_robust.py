@@ -137,7 +137,7 @@ def test_norm_bounded_mean_streaming():
   rng = np.random.default_rng(5)
   u, w = _stack(rng, 6, pad=2)
   agg = robust.norm_bounded_mean(2.0)
-  acc = agg.init(jax.tree.map(lambda x: x[0], u))
+  acc = agg.zero(jax.tree.map(lambda x: x[0], u))
   for lo, hi in ((0, 3), (3, 8)):  # two chunks, padding in the second
     acc = jax.jit(agg.accumulate)(acc, jax.tree.map(lambda x: x[lo:hi], u),
                                   w[lo:hi])

@@ -9,7 +9,7 @@ diagnostics, ``(delta, info)``. How it sees the clients is its *kind*:
   accumulator and finalizes once, so the ``chunked`` and ``sharded`` strategies
   keep memory O(chunk)::
 
-    init(params) -> acc                                # a pytree whose leaves add (psum)
+    zero(params) -> acc                                # a pytree whose leaves add (psum)
     accumulate(acc, updates [K, ...], weights [K], params) -> acc
     finalize(acc, params) -> (delta, info)
 
@@ -53,7 +53,7 @@ class Aggregator(NamedTuple):
 
   Build one with `streaming` or `whole_round`; ``is_streaming`` tells them apart.
   """
-  init: Callable[[Any], Any] | None = None
+  zero: Callable[[Any], Any] | None = None
   accumulate: Callable[..., Any] | None = None
   finalize: Callable[..., tuple[Any, dict]] | None = None
   aggregate: Callable[..., tuple[Any, dict]] | None = None
@@ -65,12 +65,12 @@ class Aggregator(NamedTuple):
     return self.aggregate is None
 
 
-def streaming(init, accumulate, finalize, *, base: BaseMerge | None = None,
+def streaming(zero, accumulate, finalize, *, base: BaseMerge | None = None,
               name: str = '') -> Aggregator:
   """A streaming (sum-decomposable) aggregator.
 
   Args:
-    init: ``init(params) -> acc``, the zero accumulator (leaves add across
+    zero: ``zero(params) -> acc``, the empty accumulator (leaves add across
       chunks and devices).
     accumulate: ``accumulate(acc, updates, weights, params) -> acc`` for a
       chunk of clients stacked on a leading axis.
@@ -78,7 +78,7 @@ def streaming(init, accumulate, finalize, *, base: BaseMerge | None = None,
     base: optional `BaseMerge` for rules that move the frozen base.
     name: a short name for logs.
   """
-  return Aggregator(init=init, accumulate=accumulate, finalize=finalize, base=base,
+  return Aggregator(zero=zero, accumulate=accumulate, finalize=finalize, base=base,
                     name=name)
 
 
@@ -110,7 +110,7 @@ def reduce(aggregator: Aggregator, updates: Any, weights: jax.Array,
   if params is None:
     params = jax.tree.map(lambda u: jnp.zeros(u.shape[1:], u.dtype), updates)
   if aggregator.is_streaming:
-    acc = aggregator.accumulate(aggregator.init(params), updates, weights, params)
+    acc = aggregator.accumulate(aggregator.zero(params), updates, weights, params)
     delta, info = aggregator.finalize(acc, params)
   else:
     delta, info = aggregator.aggregate(updates, weights, params)

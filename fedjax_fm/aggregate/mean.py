@@ -20,7 +20,7 @@ def weighted_mean() -> Aggregator:
     A streaming `Aggregator`.
   """
 
-  def init(params):
+  def zero(params):
     return (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params),
             jnp.zeros((), jnp.float32))
 
@@ -44,4 +44,4 @@ def weighted_mean() -> Aggregator:
     mean = jax.tree.map(lambda t: t / safe, total)
     return mean, {'total_weight': wsum}
 
-  return streaming(init, accumulate, finalize, name='mean')
+  return streaming(zero, accumulate, finalize, name='mean')

@@ -345,7 +345,7 @@ def norm_bounded_mean(max_norm: float) -> Aggregator:
   if not max_norm > 0:
     raise ValueError(f'max_norm must be > 0; got {max_norm!r}.')
 
-  def init(params):
+  def zero(params):
     return (jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32),
                          params),
             jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
@@ -376,7 +376,7 @@ def norm_bounded_mean(max_norm: float) -> Aggregator:
     frac = n_clipped / jnp.maximum(n_live, 1.0)
     return mean, {'total_weight': wsum, 'clipped_fraction': frac}
 
-  return streaming(init, accumulate, finalize, name='norm_bounded_mean')
+  return streaming(zero, accumulate, finalize, name='norm_bounded_mean')
 
 
 def finite_mask(updates) -> jax.Array:

@@ -261,9 +261,9 @@ def build_round(loss_fn: client_lib.LossFn,
   def make_reducer(params):
     zero = {}
     if not whole_round:
-      zero['update'] = aggregator.init(params)
+      zero['update'] = aggregator.zero(params)
     if scores:
-      zero['scores'] = score_mean.init(params)
+      zero['scores'] = score_mean.zero(params)
 
     def accumulate(acc, contribs, broadcast):
       out = dict(acc)

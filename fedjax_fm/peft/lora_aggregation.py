@@ -561,7 +561,7 @@ def _probe_matrix(path, dout, probes):
 
 
 def _mean_acc(params):
-  return weighted_mean().init(params)
+  return weighted_mean().zero(params)
 
 
 def _dense_sums(params):
@@ -580,10 +580,10 @@ def _add_dense(sums, updates, valid, w, params):
 
 
 def _mean_and_dense_products(mean):
-  """``init`` and ``accumulate`` of (the weighted mean, dense ``sum_i w_i A_i B_i``)."""
+  """``zero`` and ``accumulate`` of (the weighted mean, dense ``sum_i w_i A_i B_i``)."""
 
-  def init(params):
-    return mean.init(params), _dense_sums(params)
+  def zero(params):
+    return mean.zero(params), _dense_sums(params)
 
   def accumulate(acc, updates, weights, params):
     macc, sums = acc
@@ -591,7 +591,7 @@ def _mean_and_dense_products(mean):
     return (mean.accumulate(macc, updates, weights),
             _add_dense(sums, updates, valid, w, params))
 
-  return init, accumulate
+  return zero, accumulate
 
 
 def fedit(error: str = 'probe', probes: int = 16) -> Aggregator:
@@ -625,15 +625,15 @@ def fedit(error: str = 'probe', probes: int = 16) -> Aggregator:
     raise ValueError(f'probes must be an int >= 2, got {probes!r}')
   mean = weighted_mean()
 
-  def init(params):
+  def zero(params):
     if error == 'none':
-      return mean.init(params), {}
+      return mean.zero(params), {}
     if error == 'exact':
-      return mean.init(params), _dense_sums(params)
+      return mean.zero(params), _dense_sums(params)
     sums = {}
     for path, a, _ in _pair_leaves(params):
       _set_in(sums, path, jnp.zeros((a.shape[0], probes), jnp.float32))
-    return mean.init(params), sums
+    return mean.zero(params), sums
 
   def accumulate(acc, updates, weights, params):
     macc, sums = acc
@@ -681,7 +681,7 @@ def fedit(error: str = 'probe', probes: int = 16) -> Aggregator:
       info['lora_aggregation_error_se'] = se
     return delta, info
 
-  return streaming(init, accumulate, finalize, name='fedit')
+  return streaming(zero, accumulate, finalize, name='fedit')
 
 
 def _has_key(tree: Any, name: str) -> bool:
@@ -695,14 +695,14 @@ def ffa() -> Aggregator:
 
   With ``A`` shared and fixed, ``mean_i(A B_i) = A mean_i(B_i)``: averaging
   ``B`` is the exact average of the products (``lora_aggregation_error`` is 0).
-  Use :func:`freeze_lora_a` on the split first; ``init`` raises otherwise.
+  Use :func:`freeze_lora_a` on the split first; ``zero`` raises otherwise.
 
   Returns:
     A streaming :class:`~fedjax_fm.aggregate.Aggregator`.
   """
   mean = weighted_mean()
 
-  def init(params):
+  def zero(params):
     if _has_key(params, _A):
       raise ValueError(
           "lora aggregation mode 'ffa' needs lora_a frozen; call "
@@ -712,13 +712,13 @@ def ffa() -> Aggregator:
       raise ValueError(
           "lora aggregation mode 'ffa' found no lora_b in the trainable params"
       )
-    return mean.init(params)
+    return mean.zero(params)
 
   def finalize(acc, params=None):
     delta, info = mean.finalize(acc)
     return delta, dict(info, lora_aggregation_error=jnp.zeros((), jnp.float32))
 
-  return streaming(init, mean.accumulate, finalize, name='ffa')
+  return streaming(zero, mean.accumulate, finalize, name='ffa')
 
 
 def _dense_factors(m, rank):
@@ -743,7 +743,7 @@ def product() -> Aggregator:
     A streaming :class:`~fedjax_fm.aggregate.Aggregator`.
   """
   mean = weighted_mean()
-  init, accumulate = _mean_and_dense_products(mean)
+  zero, accumulate = _mean_and_dense_products(mean)
 
   def finalize(acc, params):
     macc, sums = acc
@@ -766,7 +766,7 @@ def product() -> Aggregator:
           node[name] = jnp.where(wsum > 0, new - jnp.asarray(old, jnp.float32), 0.0)
     return out, dict(info, lora_aggregation_error=jnp.where(wsum > 0, err, 0.0))
 
-  return streaming(init, accumulate, finalize, name='product')
+  return streaming(zero, accumulate, finalize, name='product')
 
 
 def stack(scaling: float) -> Aggregator:
@@ -790,7 +790,7 @@ def stack(scaling: float) -> Aggregator:
     (:class:`~fedjax_fm.aggregate.BaseMerge`).
   """
   mean = weighted_mean()
-  init, accumulate = _mean_and_dense_products(mean)
+  zero, accumulate = _mean_and_dense_products(mean)
 
   def finalize(acc, params):
     macc, sums = acc
@@ -808,7 +808,7 @@ def stack(scaling: float) -> Aggregator:
   def merge(frozen, base_delta):
     return merge_into_base(frozen, base_delta, scaling=scaling)
 
-  return streaming(init, accumulate, finalize, name='stack',
+  return streaming(zero, accumulate, finalize, name='stack',
                    base=BaseMerge(init=_dense_sums, apply=merge))
 
 

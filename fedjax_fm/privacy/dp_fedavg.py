@@ -190,7 +190,7 @@ def fixed_denominator_mean(expected_clients: float) -> aggregate_base.Aggregator
     raise ValueError(
         f'expected_clients must be > 0; got {expected_clients!r}.')
 
-  def init(params):
+  def zero(params):
     return (jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params),
             jnp.zeros((), jnp.float32))
 
@@ -214,4 +214,4 @@ def fixed_denominator_mean(expected_clients: float) -> aggregate_base.Aggregator
     mean = jax.tree.map(lambda t: t / expected_clients, total)
     return mean, {'num_clients': count, 'total_weight': count}
 
-  return aggregate_base.streaming(init, accumulate, finalize, name='fixed_denominator_mean')
+  return aggregate_base.streaming(zero, accumulate, finalize, name='fixed_denominator_mean')

@@ -24,8 +24,16 @@ def fmt_bytes(n: float) -> str:
 
 
 def tensorboard_writer(logdir: str):
-  """A TensorBoard event writer (needs the ``tensorboard`` extra)."""
-  tensorboardx = extras.require('tensorboardX', 'tensorboard', 'config.tensorboard=True')
+  """A TensorBoard event writer, or None (said once) without the ``tensorboard`` extra.
+
+  TensorBoard events are on by default; the core install leaves tensorboardX out,
+  so a run without it keeps its metrics.jsonl and says how to get the events.
+  """
+  try:
+    tensorboardx = extras.require('tensorboardX', 'tensorboard', 'config.tensorboard=True')
+  except ImportError as e:
+    log(f'{e}; writing metrics.jsonl only')
+    return None
   return tensorboardx.SummaryWriter(logdir)
 
 

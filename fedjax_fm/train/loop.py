@@ -208,6 +208,7 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
   writer = None
   if cfg.tensorboard and main_process:
     writer = logs.tensorboard_writer(os.path.join(workdir, 'tensorboard'))
+  if writer is not None:
     if start == 0:
       for k, v in record.before.items():
         writer.add_scalar(f'eval/{k}', v, 0)
