@@ -97,7 +97,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.privacy = ml_collections.ConfigDict(dict(
       enabled=False, clip_norm=1.0, noise_multiplier=0.0, target_epsilon=0.0, delta=1e-5,
       per_layer=False, adaptive=False, target_quantile=0.5, clip_learning_rate=0.2,
-      accountant='rdp'))
+      # adaptive: std of the noise on the count of unclipped clients (0: clients_per_round
+      # / 20, Andrew et al.'s default); the noise budget is split between it and the updates
+      clipped_count_stddev=0.0,
+      accountant='rdp',
+      # Per-client values (losses, update norms, the LoRA aggregation error) are not
+      # private: under DP they stay out of metrics.jsonl unless this is set.
+      log_client_metrics=False))
   c.aggregator = ml_collections.ConfigDict(dict(
       name='mean', max_norm=1.0, trim_fraction=0.1, num_byzantine=1, multi_krum_m=0,
       secure_clip_range=1.0))
@@ -348,6 +354,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.aggregator.name != 'mean':
       raise _err('aggregator.name', c.aggregator.name,
                  'DP-FedAvg defines its own (uniform, clipped) mean: use "mean"')
+    _float_range(c, 'privacy.clipped_count_stddev', 0.0)
+    if p.adaptive and p.noise_multiplier:
+      sigma_b = p.clipped_count_stddev or f.clients_per_round / 20.0
+      if not 2.0 * sigma_b > p.noise_multiplier:
+        raise _err('privacy.clipped_count_stddev', p.clipped_count_stddev,
+                   f'with privacy.adaptive the noise budget is split between the updates and '
+                   f'the clipped count (std {sigma_b:g}); it must exceed '
+                   f'privacy.noise_multiplier / 2 = {p.noise_multiplier / 2:g}')
+    if (c.peft.method in ('lora', 'slora')
+        and c.peft.lora_aggregation in ('product', 'stack')):
+      raise _err('peft.lora_aggregation', c.peft.lora_aggregation,
+                 'with privacy.enabled only "fedit" and "ffa" are accounted: "product" '
+                 're-factorises the mean by a nonlinear SVD and "stack" merges a product '
+                 'mean into the base, neither of which the clipped, noised mean bounds')
   _one_of(c, 'aggregator.name', reg.AGGREGATORS.names)
   _float_range(c, 'aggregator.max_norm', 0.0, lo_open=True)
   _float_range(c, 'aggregator.secure_clip_range', 0.0, lo_open=True)

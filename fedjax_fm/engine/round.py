@@ -161,8 +161,10 @@ def build_round(loss_fn: client_lib.LossFn,
     donate: donate the server state's buffers to the round.
 
   The per-client path after local training is the uplink chain
-  (`fedjax_fm.engine.uplink`): clip (with ``privacy``) -> compress -> attack
-  (with ``attack``) -> non-finite guard (with ``guard_nonfinite``).
+  (`fedjax_fm.engine.uplink`): clip (with ``privacy``) -> compress -> clip again
+  (with ``privacy`` and a compressor: the decoded update, which is what is
+  averaged, stays within the clip norm) -> attack (with ``attack``) ->
+  non-finite guard (with ``guard_nonfinite``).
 
   Returns:
     A `FederatedRound`.
@@ -180,9 +182,15 @@ def build_round(loss_fn: client_lib.LossFn,
                      'a streaming mean beside it)')
   if adaptive_clip is not None and privacy is None:
     raise ValueError('adaptive_clip needs privacy (the clipping it adapts)')
+  compressor_given = compressor is not None
   compressor = compressor or compress_base.identity()
   steps = [uplink_lib.clip(privacy)] if privacy is not None else []
   steps.append(uplink_lib.compress(compressor))
+  if privacy is not None and compressor_given:
+    # A compressor may expand what it is given (stochastic rounding, error feedback
+    # adding back residuals): what is averaged is bounded again by the clip norm, so
+    # the sensitivity the accountant assumes holds for the decoded updates.
+    steps.append(uplink_lib.clip(privacy, name='clip_decoded', report=False))
   if attack is not None:
     steps.append(uplink_lib.attack(*attack))
   if guard_nonfinite:

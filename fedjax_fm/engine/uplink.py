@@ -43,18 +43,22 @@ def _no_state(params_like):
   return ()
 
 
-def clip(privacy) -> UplinkStep:
+def clip(privacy, *, name: str = 'clip', report: bool = True) -> UplinkStep:
   """Client-level DP clipping to ``inputs['clip_norm']`` (``privacy.clip``).
 
-  Reports ``unclipped`` (the update's norm was within the bound).
+  Args:
+    privacy: the mechanism whose ``clip`` bounds the update.
+    name: the step's name in the chain.
+    report: report ``unclipped`` (the update's norm was within the bound).
   """
 
   def apply(key, update, weight, state, inputs):
     del key
     update, norm = privacy.clip(update, clip_norm=inputs['clip_norm'])
-    return update, weight, state, {'unclipped': norm <= inputs['clip_norm']}
+    metrics = {'unclipped': norm <= inputs['clip_norm']} if report else {}
+    return update, weight, state, metrics
 
-  return UplinkStep(_no_state, apply, 'clip')
+  return UplinkStep(_no_state, apply, name)
 
 
 def compress(compressor: compress_base.Compressor) -> UplinkStep:

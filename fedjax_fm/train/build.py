@@ -118,10 +118,26 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
       noise_multiplier = privacy_lib.noise_multiplier_for_epsilon(
           pv.target_epsilon, f.clients_per_round / population, config.num_rounds, pv.delta,
           accountant=pv.accountant, sampling='fixed', population=population)
-    dp = privacy_lib.gaussian_dp(pv.clip_norm, noise_multiplier, per_layer=pv.per_layer)
+    update_z = noise_multiplier
     if pv.adaptive:
-      adaptive = privacy_lib.quantile_adaptive_clip(pv.target_quantile,
-                                                    learning_rate=pv.clip_learning_rate)
+      # Andrew et al. 2021: the count of unclipped clients is released with noise
+      # sigma_b too, and the budget z is split (Theorem 1): the updates get z_delta
+      # with z^-2 = z_delta^-2 + (2 sigma_b)^-2, the accountant keeps z.
+      sigma_b = 0.0
+      if noise_multiplier:
+        sigma_b = pv.clipped_count_stddev or f.clients_per_round / 20.0
+        if not 2.0 * sigma_b > noise_multiplier:
+          raise config_lib.ConfigError(
+              f'config.privacy.clipped_count_stddev={pv.clipped_count_stddev!r} is invalid: '
+              f'with privacy.adaptive the count noise (std {sigma_b:g}) must exceed half the '
+              f'noise multiplier calibrated for privacy.target_epsilon '
+              f'({noise_multiplier:.4g})')
+        update_z = privacy_lib.update_noise_multiplier(noise_multiplier, sigma_b)
+      adaptive = privacy_lib.quantile_adaptive_clip(
+          pv.target_quantile, learning_rate=pv.clip_learning_rate,
+          clipped_count_stddev=sigma_b,
+          expected_clients=float(f.clients_per_round) if sigma_b else None)
+    dp = privacy_lib.gaussian_dp(pv.clip_norm, update_z, per_layer=pv.per_layer)
 
   # ---- aggregation, attacks, compression, pruning
   aggregator = registries.AGGREGATORS[config.aggregator.name](config.aggregator, config.seed)

@@ -46,7 +46,7 @@ def write_tensorboard(writer, record: dict) -> None:
   writer.add_scalar('comm/uplink_bytes', record['uplink_bytes'], step)
   writer.add_scalar('comm/cum_uplink_bytes', record['cum_uplink_bytes'], step)
   writer.add_scalar('comm/downlink_bytes', record['downlink_bytes'], step)
-  if record['client_loss']:
+  if record.get('client_loss'):
     writer.add_histogram('train/client_loss', np.asarray(record['client_loss']), step)
   for k, v in record.get('eval', {}).items():
     writer.add_scalar(f'eval/{k}', v, step)

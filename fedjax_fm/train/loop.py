@@ -213,6 +213,8 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       for k, v in record.before.items():
         writer.add_scalar(f'eval/{k}', v, 0)
   frozen = split.frozen
+  # Per-client values are not private: under DP they are logged only when asked for.
+  per_client_logged = not cfg.privacy.enabled or cfg.privacy.log_client_metrics
   with open(metrics_path if main_process else os.devnull, 'a') as out:
     for r, data in zip(bar, data_lib.prefetch(exp.round_data(r) for r in rounds)):
       mask_down = 0
@@ -240,14 +242,16 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
           'examples': int(m['examples']), 'uplink_bytes': up, 'downlink_bytes': down,
           'cum_uplink_bytes': record.total_up, 'update_norm': float(m['update_norm']),
           'param_norm': float(m['param_norm']), 'round_time_s': round_s,
-          'client_loss': [float(v) for v in np.asarray(m['client_loss'])[cmask]],
-          'client_update_norm': [float(v) for v in np.asarray(m['client_update_norm'])[cmask]],
       }
+      if per_client_logged:
+        line['client_loss'] = [float(v) for v in np.asarray(m['client_loss'])[cmask]]
+        line['client_update_norm'] = [float(v) for v in
+                                      np.asarray(m['client_update_norm'])[cmask]]
+        for k in ('lora_aggregation_error', 'lora_aggregation_error_se'):
+          if k in m:
+            line[k] = float(m[k])
       if r == start:
         line['compile_time_s'] = compile_s
-      for k in ('lora_aggregation_error', 'lora_aggregation_error_se'):
-        if k in m:
-          line[k] = float(m[k])
       if prune_step is not None:
         line['sparsity'] = float(prune_lib.sparsity_of(state.prune.masks, state.params,
                                                        min_size=cfg.prune.min_size))
