@@ -41,7 +41,7 @@ BAD_CASES = [
     ('client_optimizer.name', 'lamb', "allowed values are ('sgd', 'momentum', 'adam')"),
     ('client_optimizer.learning_rate', 0.0, 'must be > 0'),
     ('server_optimizer.name', 'fedsgd', "('fedavg', 'fedavgm', 'fedadam', 'fedyogi', "
-     "'fedadagrad')"),
+     "'fedadagrad', 'fedadam_optax', 'fedyogi_optax', 'fedadagrad_optax')"),
     ('server_optimizer.b2', 1.0, 'config.server_optimizer.b2=1.0 is invalid: must be < 1'),
     ('num_rounds', 0, 'config.num_rounds=0 is invalid: must be >= 1'),
     ('eval.every', 0, 'config.eval.every=0'),
