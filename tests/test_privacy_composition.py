@@ -118,3 +118,34 @@ def test_dp_runs_keep_per_client_values_out_of_the_logs(tmp_path):
     for r in records:
       assert ('client_loss' in r) == flag and ('client_update_norm' in r) == flag
       assert 'epsilon' in r
+
+
+def test_secure_mean_masks_are_fresh_every_round(monkeypatch):
+  """With the same updates in two rounds, the masked vectors the server sees differ
+  by more than the plain updates do: masks come from the round's key and the
+  clients' global ids, so masked_r1 - masked_r2 reveals nothing."""
+  from fedjax_fm.privacy import secure_agg  # pylint: disable=g-import-not-at-top
+  seen = []
+  real_mask = secure_agg.mask
+
+  def spy(updates_int, client_ids, seeds):
+    out = real_mask(updates_int, client_ids, seeds)
+    seen.append((np.asarray(updates_int[0] if isinstance(updates_int, list) else
+                            jax.tree.leaves(updates_int)[0]),
+                 np.asarray(jax.tree.leaves(out)[0])))
+    return out
+
+  monkeypatch.setattr(secure_agg, 'mask', spy)
+  params = {'w': jnp.zeros((D_IN, D_OUT))}
+  fed = engine.build_round(_loss, params, client_optimizer=optax.sgd(0.0),
+                           server_optimizer=optax.sgd(1.0), num_clients=8, strategy='vmap',
+                           aggregator=secure_agg.secure_mean(clip_range=1.0))
+  data = _round_data(np.random.default_rng(0), clients=4)
+  data['client_id'] = np.asarray([5, 2, 7, 0], np.int32)
+  state = fed.init(params, jax.random.key(0))
+  with jax.disable_jit():
+    for _ in range(2):
+      state, _ = fed.apply_fn(state, {}, data)
+  (plain1, masked1), (plain2, masked2) = seen
+  np.testing.assert_array_equal(plain1, plain2)   # lr 0: the same (zero) updates
+  assert np.any(masked1 != masked2)               # ... under different masks

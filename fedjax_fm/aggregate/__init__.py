@@ -4,6 +4,7 @@ from fedjax_fm.aggregate.attacks import apply_attack
 from fedjax_fm.aggregate.attacks import choose_attackers
 from fedjax_fm.aggregate.base import Aggregator
 from fedjax_fm.aggregate.base import BaseMerge
+from fedjax_fm.aggregate.base import RoundContext
 from fedjax_fm.aggregate.base import reduce
 from fedjax_fm.aggregate.base import streaming
 from fedjax_fm.aggregate.base import whole_round

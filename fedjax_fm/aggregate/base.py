@@ -17,7 +17,10 @@ diagnostics, ``(delta, info)``. How it sees the clients is its *kind*:
   the rule needs every update at once, so the engine collects ``[C, ...]``
   (memory O(C))::
 
-    aggregate(updates [C, ...], weights [C], params) -> (delta, info)
+    aggregate(updates [C, ...], weights [C], params, *, context) -> (delta, info)
+
+  ``context`` (`RoundContext`) carries the round's key and the clients' global
+  ids, for rules that need fresh randomness per round (secure aggregation masks).
 
 ``params`` is the global trainable tree the clients started from (most rules
 ignore it; the LoRA modes need it to form ``A_i = A + dA_i``). Clients with
@@ -46,6 +49,12 @@ class BaseMerge(NamedTuple):
   """
   init: Callable[[Any], Any]
   apply: Callable[[Any, Any], Any]
+
+
+class RoundContext(NamedTuple):
+  """What a whole-round aggregator may know of the round besides the updates."""
+  key: jax.Array          # a key of this round (fresh every round)
+  client_id: jax.Array    # int [C]: the clients' global ids
 
 
 class Aggregator(NamedTuple):
@@ -83,12 +92,18 @@ def streaming(zero, accumulate, finalize, *, base: BaseMerge | None = None,
 
 
 def whole_round(aggregate, *, name: str = '') -> Aggregator:
-  """A whole-round aggregator: ``aggregate(updates [C, ...], weights [C], params)``."""
+  """A whole-round aggregator.
+
+  Args:
+    aggregate: ``aggregate(updates [C, ...], weights [C], params, *, context=None)
+      -> (delta, info)``; ``context`` is a `RoundContext`.
+    name: a short name for logs.
+  """
   return Aggregator(aggregate=aggregate, name=name)
 
 
 def reduce(aggregator: Aggregator, updates: Any, weights: jax.Array,
-           params: Any = None) -> tuple[Any, dict]:
+           params: Any = None, context: RoundContext | None = None) -> tuple[Any, dict]:
   """Aggregates stacked updates ``[C, ...]`` with an aggregator of either kind.
 
   Args:
@@ -96,6 +111,8 @@ def reduce(aggregator: Aggregator, updates: Any, weights: jax.Array,
     updates: client deltas stacked on a leading clients axis.
     weights: ``[C]`` weights (``<= 0``: ignored).
     params: the global trainable tree (default: zeros shaped like one update).
+    context: the round's `RoundContext` for a whole-round aggregator (default:
+      ``key(0)`` and client ids ``0..C-1``).
 
   Returns:
     ``(delta, info)``, as the round would compute them in one chunk.
@@ -113,7 +130,9 @@ def reduce(aggregator: Aggregator, updates: Any, weights: jax.Array,
     acc = aggregator.accumulate(aggregator.zero(params), updates, weights, params)
     delta, info = aggregator.finalize(acc, params)
   else:
-    delta, info = aggregator.aggregate(updates, weights, params)
+    if context is None:
+      context = RoundContext(jax.random.key(0), jnp.arange(weights.shape[0]))
+    delta, info = aggregator.aggregate(updates, weights, params, context=context)
   # Shapes only: a delta may be float32 where the params are another dtype.
   chex.assert_trees_all_equal_shapes(delta, params)
   return delta, info

@@ -52,8 +52,8 @@ from fedjax_fm.aggregate.base import whole_round
 def _rule(fn: Callable[[Any, jax.Array], Any], name: str) -> Aggregator:
   """A whole-round `Aggregator` from ``fn(updates [C, ...], weights [C]) -> tree``."""
 
-  def aggregate(updates, weights, params=None):
-    del params
+  def aggregate(updates, weights, params=None, *, context=None):
+    del params, context
     weights = jnp.asarray(weights, jnp.float32)
     total = jnp.sum(jnp.where(weights > 0, weights, 0.0))
     return fn(updates, weights), {'total_weight': total}

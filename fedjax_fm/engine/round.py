@@ -340,7 +340,9 @@ def build_round(loss_fn: client_lib.LossFn,
     cm = outputs['metrics']
     if whole_round:
       updates, weights = outputs['updates']
-      mean_delta, agg_info = aggregator.aggregate(updates, weights, start)
+      context = aggregate_base.RoundContext(
+          key=jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFD)), client_id=ids)
+      mean_delta, agg_info = aggregator.aggregate(updates, weights, start, context=context)
     else:
       mean_delta, agg_info = aggregator.finalize(acc['update'], start)
     agg_info = dict(agg_info)

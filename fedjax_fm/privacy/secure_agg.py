@@ -315,17 +315,22 @@ def secure_mean(clip_range: float, *, seed: int = 0) -> aggregate_base.Aggregato
 
   Args:
     clip_range: coordinate bound of the fixed-point encoding.
-    seed: seed of the pairwise mask seeds (a simulation: real clients agree
-      on them by key exchange).
+    seed: folded into the round's key (`RoundContext`) to seed the pairwise
+      masks, which are then fresh every round and tied to the clients' global
+      ids (a simulation: real clients agree on them by key exchange).
 
   Returns:
     A whole-round `fedjax_fm.aggregate.Aggregator`.
   """
 
-  def aggregate(updates, weights, params=None):
+  def aggregate(updates, weights, params=None, *, context=None):
     del params
     live = jnp.asarray(weights) > 0
-    total = secure_sum(jax.random.key(seed), updates, ~live, clip_range=clip_range)
+    if context is None:   # outside a round: one fixed key, positional ids
+      key, ids = jax.random.key(seed), None
+    else:   # masks fresh every round, agreed between clients by their global ids
+      key, ids = jax.random.fold_in(context.key, seed), context.client_id
+    total = secure_sum(key, updates, ~live, clip_range=clip_range, client_ids=ids)
     count = jnp.maximum(jnp.sum(live.astype(jnp.float32)), 1.0)
     return jax.tree.map(lambda t: t / count, total), {'total_weight': count}
 
