@@ -400,4 +400,5 @@ def build_round(loss_fn: client_lib.LossFn,
   jitted = jax.jit(apply, donate_argnums=(0,) if donate else ())
   return FederatedRound(init=init, apply=jitted, uplink_bytes_per_client=uplink_bytes,
                         downlink_bytes_per_client=downlink_bytes, apply_fn=apply,
-                        frozen_view=jax.jit(frozen_view))
+                        frozen_view=(jax.jit(frozen_view) if aggregator.base is not None
+                                     else frozen_view))
