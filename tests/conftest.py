@@ -22,7 +22,7 @@ def minilm_dir():
 def minilm_encoder(minilm_dir):
   """all-MiniLM-L6-v2 as an Encoder with a 2-label head, loaded once.
 
-  Shared by every test of the session: read it, do not modify it. Load a
+  Shared by every test of a pytest run: read it, do not modify it. Load a
   tokenizer with ``hf.load_tokenizer(minilm_dir)`` (tokenizers are mutable).
   """
   from fedjax_fm import hf  # pylint: disable=g-import-not-at-top

@@ -55,6 +55,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import zlib
 from collections.abc import Mapping
@@ -62,6 +63,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_fm.aggregate.base import Aggregator
 from fedjax_fm.aggregate.base import BaseMerge
@@ -552,16 +554,16 @@ def _valid_weights(weights):
   return valid, jnp.where(valid, weights, 0.0)
 
 
+@functools.lru_cache(maxsize=None)
 def _probe_matrix(path, dout, probes):
-  """Fixed Gaussian probes ``Z [out, P]`` of a pair (the same on every device)."""
-  key = jax.random.key(0)
-  for k in path:   # crc32, not hash(): the same probes in every process
-    key = jax.random.fold_in(key, zlib.crc32(str(k).encode()) % (2**31))
-  return jax.random.normal(key, (dout, probes), jnp.float32)
+  """Fixed Gaussian probes ``Z [out, P]`` of a pair.
 
-
-def _mean_acc(params):
-  return weighted_mean().zero(params)
+  Drawn once on the host from a seed of the pair's path (crc32, not ``hash()``:
+  the same probes in every process and on every device), so the round embeds them
+  as a constant instead of drawing them again for every chunk.
+  """
+  seed = zlib.crc32('/'.join(map(str, path)).encode())
+  return np.random.default_rng(seed).standard_normal((dout, probes)).astype(np.float32)
 
 
 def _dense_sums(params):
@@ -577,6 +579,17 @@ def _add_dense(sums, updates, valid, w, params):
     a_i, b_i = _client_factors(params, updates, path, valid)
     _set_in(out, path, _get(sums, path) + jnp.einsum('k,kir,kro->io', w, a_i, b_i))
   return out
+
+
+def _finalize_mean_products(mean, acc):
+  """``(mean delta, info, {pair path: mean_i(A_i B_i)}, total weight)`` of an accumulator
+  of `_mean_and_dense_products` (the product means are 0 when no client is valid)."""
+  macc, sums = acc
+  out, info = mean.finalize(macc)
+  wsum = info['total_weight']
+  safe = jnp.where(wsum > 0, wsum, 1.0)
+  products = jax.tree.map(lambda x: jnp.where(wsum > 0, x / safe, 0.0), sums)
+  return out, info, products, wsum
 
 
 def _mean_and_dense_products(mean):
@@ -746,17 +759,14 @@ def product() -> Aggregator:
   zero, accumulate = _mean_and_dense_products(mean)
 
   def finalize(acc, params):
-    macc, sums = acc
-    out, info = mean.finalize(macc)
-    wsum = info['total_weight']
-    safe = jnp.where(wsum > 0, wsum, 1.0)
+    out, info, products, wsum = _finalize_mean_products(mean, acc)
     pairs = _pair_leaves(params)
     groups: dict[Any, list[int]] = {}
     for i, (_, a, b) in enumerate(pairs):
       groups.setdefault((a.shape, b.shape), []).append(i)
     err = jnp.zeros((), jnp.float32)
     for (a_shape, _), idx in groups.items():
-      ms = jnp.stack([_get(sums, pairs[i][0]) / safe for i in idx])
+      ms = jnp.stack([_get(products, pairs[i][0]) for i in idx])
       new_a, new_b = _dense_factors(ms, a_shape[-1])
       err = err + jnp.sum(jnp.linalg.norm(ms - new_a @ new_b, axis=(-2, -1)))
       for j, i in enumerate(idx):
@@ -793,16 +803,13 @@ def stack(scaling: float) -> Aggregator:
   zero, accumulate = _mean_and_dense_products(mean)
 
   def finalize(acc, params):
-    macc, sums = acc
-    out, info = mean.finalize(macc)
-    wsum = info['total_weight']
-    safe = jnp.where(wsum > 0, wsum, 1.0)
+    out, info, products, wsum = _finalize_mean_products(mean, acc)
     base_delta = {}
     for path, _, b in _pair_leaves(params):
       node = _get(out, path)
       node[_A] = jnp.zeros_like(node[_A])
       node[_B] = jnp.where(wsum > 0, -jnp.asarray(b, jnp.float32), 0.0)
-      _set_in(base_delta, path, jnp.where(wsum > 0, _get(sums, path) / safe, 0.0))
+      _set_in(base_delta, path, _get(products, path))
     return out, dict(info, base_delta=base_delta)
 
   def merge(frozen, base_delta):

@@ -185,20 +185,15 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
     record = RunRecord(before=extras['before'], last_eval=extras['last_eval'],
                        total_up=extras['total_up'], total_down=extras['total_down'],
                        stage_after=dict(extras.get('stage_after', {})))
-    if main_process:
-      logs.keep_records(metrics_path, start)
     logs.log(f'resumed from {ckpt.directory} at round {start}')
     if accountant is not None and start > accountant.rounds:
       accountant.step(start - accountant.rounds)
-  elif record is None:
+  elif record is None:   # the first stage of a new run
     before = exp.evaluate(split.trainable)
     record = RunRecord(before=before, last_eval=before)
-    if main_process:
-      logs.keep_records(metrics_path, 0)
     logs.log('held-out before: ' + logs.fmt_metrics(before))
-  else:
-    if main_process:
-      logs.keep_records(metrics_path, start)
+  if main_process:   # drop the records of rounds after `start` (a killed run's)
+    logs.keep_records(metrics_path, start)
 
   # ---- rounds
   rounds = range(start, last)
@@ -225,8 +220,8 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       t0 = time.time()
       if compiled is None:
         compiled = fed.apply.lower(state, frozen, data).compile()
-        record.compile_s += time.time() - t0
         compile_s = time.time() - t0
+        record.compile_s += compile_s
         t0 = time.time()
       state, m = compiled(state, frozen, data)
       m = sharding.to_host(m)

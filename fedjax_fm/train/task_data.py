@@ -222,9 +222,8 @@ def _build_instruction_task_data(config, workdir) -> TaskData:
   feats = ('input_ids', 'attention_mask', 'loss_mask')
   train_arrays = {k: arrays[k][train_idx] for k in feats}
   eval_arrays = {k: arrays[k][eval_idx] for k in feats}
-  held = {k: np.asarray(examples[k])[train_idx] for k in ('category',)}
   parts = data_lib.partition_instructions(
-      held, d.partition, num_clients=None if d.partition == 'natural' else d.num_clients,
+      {'category': np.asarray(examples['category'])[train_idx]}, d.partition, num_clients=None if d.partition == 'natural' else d.num_clients,
       alpha=d.alpha, seed=config.seed, min_size=d.min_client_size)
   if len(parts) < config.fl.clients_per_round:
     raise config_lib.ConfigError(
