@@ -9,7 +9,10 @@
       --coordinator_address=host0:1234 --num_processes=2 --process_id=0
 """
 
+import difflib
+import importlib.util
 import os
+import sys
 
 import jax
 from absl import app
@@ -17,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedjax_fm import config as config_lib
 from fedjax_fm import sharding
 from fedjax_fm import train
 
@@ -37,6 +41,87 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', os.path.join(os.path.expanduser('~'), '.cache', 'fedjax_fm', 'xla'),
     'Directory of JAX\'s persistent compilation cache: a rerun of the same program loads '
     'its compiled rounds instead of compiling them again. Empty: no cache.')
+_VERBOSE = flags.DEFINE_boolean(
+    'verbose', False, 'Show the full traceback of a config, data or workdir error.')
+
+# A config, data or workdir error ends the binary with this status and one short message.
+USAGE_ERROR = 2
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(USAGE_ERROR)
+
+
+def _load_config_file(spec: str):
+  """``module.get_config(arg)`` of a ``path[:arg]`` config spec, or None if it cannot load."""
+  path, _, arg = spec.partition(':')
+  try:
+    module_spec = importlib.util.spec_from_file_location('_fedjax_fm_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _unknown_override(argv) -> str | None:
+  """Names the first ``--config.a.b`` override that is not a field, with close field names."""
+  spec = _DEFAULT_CONFIG
+  overrides = []
+  for arg in argv[1:]:
+    name = arg.lstrip('-').split('=', 1)[0]
+    if name == 'config' and '=' in arg:
+      spec = arg.split('=', 1)[1]
+    elif name.startswith('config.'):
+      overrides.append(name[len('config.'):])
+  config = _load_config_file(spec)
+  if config is None:
+    return None
+  for path in overrides:
+    node, parts = config, path.split('.')
+    for depth, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        section = '.'.join(parts[:depth]) or 'the top level'
+        close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+        if not close:   # perhaps a field of another section
+          everywhere = {f'{s}.{k}': k for s in config.keys() if hasattr(config[s], 'keys')
+                        for k in config[s].keys()}
+          by_name = difflib.get_close_matches(part, set(everywhere.values()), n=3, cutoff=0.6)
+          close = [full for full, k in everywhere.items() if k in by_name]
+        hint = (f'; did you mean {", ".join(repr(k) for k in close)}?' if close
+                else f'; its fields are {", ".join(sorted(keys))}' if keys else '')
+        return f'--config.{path}: {section} has no field {part!r}{hint}'
+      node = node[part]
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a misspelled config override as a short error (status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e}\nPass --help for the flags; config fields are overridden as '
+          f'--config.SECTION.FIELD=VALUE.')
+  except (AttributeError, KeyError) as e:
+    if '--verbose' in argv:
+      raise
+    _fail(_unknown_override(argv) or f'bad config override: {e}')
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early (before any data or model loads) unless ``workdir`` is a writable directory."""
+  if not workdir:
+    _fail('--workdir is empty')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _fail(f'--workdir={workdir} exists and is not a directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    _fail(f'--workdir={workdir} cannot be created: {e.strerror or e}')
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    _fail(f'--workdir={workdir} is not writable')
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -55,9 +140,17 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   enable_compilation_cache(_COMPILATION_CACHE.value)
+  check_workdir(_WORKDIR.value)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.run(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, ValueError, OSError) as e:
+    # Config and data errors (and OS errors on data files): one message, no traceback.
+    if _VERBOSE.value:
+      raise
+    kind = 'config' if isinstance(e, config_lib.ConfigError) else type(e).__name__
+    _fail(f'({kind}) {e}\n(--verbose shows the traceback)')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
