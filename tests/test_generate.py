@@ -203,3 +203,5 @@ def test_errors():
     generate(model, PROMPT, 3, prompt_mask=MASK[:, :3])
   with pytest.raises(ValueError, match='model must be'):
     generate('not a model', PROMPT, 3)
+  with pytest.raises(ValueError, match='KV cache'):
+    generate(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), PROMPT, 3)

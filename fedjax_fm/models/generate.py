@@ -1,4 +1,9 @@
-"""Jitted autoregressive generation with a KV cache for the Decoder.
+"""Jitted autoregressive generation with a KV cache.
+
+Works for every causal LM family with the cache contract of
+:class:`~fedjax_fm.models.Decoder` and :class:`~fedjax_fm.models.GPT2`:
+``config.max_len``, ``num_virtual_tokens``, ``init_cache(batch_size,
+max_length)`` and ``model(ids, mask, cache=cache) -> (logits, cache)``.
 
 One call is one compiled program: the prompt fills a preallocated
 :class:`~fedjax_fm.models.decoder.KVCache` (``[layers, B, S, kv_heads,
@@ -12,9 +17,10 @@ or until every row has emitted ``eos_id``::
   out.lengths  # [B] tokens generated per row, EOS included
 
 Prompts may be left- or right-padded (``prompt_mask``): padding slots are
-never attended to and RoPE positions count real tokens only, so a padded
-prompt generates what the unpadded prompt would. A soft prompt (prompt
-tuning) and key/value prefixes (prefix tuning) are used automatically.
+never attended to and positions (RoPE, or GPT-2's learned positions) count
+real tokens only, so a padded prompt generates what the unpadded prompt
+would. A soft prompt (prompt tuning) and key/value prefixes (prefix tuning)
+are used automatically.
 
 :func:`make_generate_fn` gives the same computation as a pure function of
 ``(trainable, frozen, ...)`` pure dicts (the engine's form), e.g. to
@@ -134,6 +140,13 @@ def _decode_loop(
     return_logits: bool,
 ) -> Generation:
   """The traceable generation: prefill, then a while_loop of steps."""
+  if not all(hasattr(model, a) for a in ('init_cache', 'num_virtual_tokens',
+                                          'config')):
+    raise ValueError(
+        'model must be a causal LM with a KV cache (init_cache, '
+        f'num_virtual_tokens, config.max_len), e.g. a Decoder or GPT2; got '
+        f'{type(model).__name__}'
+    )
   cfg = model.config
   b, p = prompt_ids.shape
   nv = model.num_virtual_tokens
@@ -254,7 +267,8 @@ def make_generate_fn(
   """Builds a pure generation function of pure-dict model state.
 
   Args:
-    graphdef: an ``nnx.GraphDef`` of a Decoder (or a ``peft.Split``).
+    graphdef: an ``nnx.GraphDef`` of a causal LM (``Decoder``, ``GPT2``) or
+      a ``peft.Split``.
     max_new_tokens: number of tokens to generate (static).
     method: ``'greedy'`` or ``'sample'``.
     eos_id: optional end-of-sequence id; rows stop after emitting it.
@@ -308,7 +322,7 @@ def _unpack_model(model: Any) -> tuple[Any, tuple[Any, ...]]:
   if isinstance(model, (tuple, list)) and len(model) == 3:
     return model[0], (model[1], model[2])
   raise ValueError(
-      'model must be an nnx.Module (a Decoder), a peft.Split, or a '
+      'model must be an nnx.Module (a Decoder or GPT2), a peft.Split, or a '
       f'(graphdef, trainable, frozen) tuple, got {type(model).__name__}'
   )
 
@@ -330,13 +344,14 @@ def generate(
   """Generates ``max_new_tokens`` tokens per prompt in one jitted program.
 
   Args:
-    model: a :class:`~fedjax_fm.models.Decoder`, a ``peft.Split``, or a
+    model: a causal LM (:class:`~fedjax_fm.models.Decoder`,
+      :class:`~fedjax_fm.models.GPT2`), a ``peft.Split`` of one, or a
       ``(graphdef, trainable, frozen)`` tuple of pure dicts.
     prompt_ids: int ``[B, P]`` prompts, left- or right-padded; every row
       needs at least one real token.
     max_new_tokens: number of tokens to generate (static; a new value
       compiles anew). ``P + max_new_tokens - 1`` (+ soft-prompt tokens) must
-      not exceed the model's ``max_len``.
+      not exceed the model's ``max_len`` (GPT-2: ``n_positions``).
     prompt_mask: optional ``[B, P]`` (1 = real prompt token, 0 = padding);
       default all real.
     method: ``'greedy'`` (argmax) or ``'sample'`` (temperature + nucleus).

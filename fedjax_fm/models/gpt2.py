@@ -16,6 +16,12 @@ target them individually (the top-level ``hf`` package splits and re-fuses
   layers.{i}.mlp.{fc_in,fc_out}.{kernel,bias}
   norm.{scale,bias}
   lm_head.kernel            (only with tie_embeddings=False)
+
+Cached calls (``init_cache``, then ``model(ids, mask, cache=cache)``) follow
+the contract of :class:`~fedjax_fm.models.Decoder` and share its
+:class:`~fedjax_fm.models.decoder.KVCache`, so
+:func:`fedjax_fm.models.generate` serves both families. The ``prompt`` and
+``prefix`` hooks (prompt and prefix tuning) have the Decoder's contract too.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_fm.models.decoder import KVCache
 from fedjax_fm.models.layers import activation
 from fedjax_fm.models.layers import dropout
 from fedjax_fm.models.layers import embed
@@ -82,6 +89,11 @@ class GPT2Config:
   def head_dim(self) -> int:
     return self.dim // self.num_heads
 
+  @property
+  def num_kv_heads(self) -> int:
+    """Key/value heads: ``num_heads`` (GPT-2 has no grouped-query attention)."""
+    return self.num_heads
+
   def validate(self) -> 'GPT2Config':
     """Raises ValueError on an inconsistent config; returns self."""
     for name in ('vocab_size', 'dim', 'num_layers', 'num_heads', 'mlp_dim',
@@ -116,7 +128,17 @@ def _layer_norm(cfg: GPT2Config, rngs: nnx.Rngs):
 
 
 class GPT2Attention(nnx.Module):
-  """Multi-head causal self-attention with biased q/k/v/o projections."""
+  """Multi-head causal self-attention with biased q/k/v/o projections.
+
+  Attributes:
+    q_proj, k_proj, v_proj, o_proj: the projections (``nnx.Linear`` or PEFT
+      wrappers of them, called through :func:`~fedjax_fm.models.layers.
+      linear_apply`).
+    prefix: hook for prefix tuning, ``None`` by default; as
+      ``Decoder`` attention: a module whose call ``prefix(batch_size)``
+      returns ``(key, value)`` arrays ``[B, P, num_heads, head_dim]`` that are
+      prepended to this layer's keys/values.
+  """
 
   def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
     self.num_heads = cfg.num_heads
@@ -125,19 +147,34 @@ class GPT2Attention(nnx.Module):
     self.k_proj = _linear(cfg, cfg.dim, cfg.dim, rngs)
     self.v_proj = _linear(cfg, cfg.dim, cfg.dim, rngs)
     self.o_proj = _linear(cfg, cfg.dim, cfg.dim, rngs)
+    self.prefix = nnx.data(None)
 
   def __call__(
-      self, x: jax.Array, mask: jax.Array, *, rngs: nnx.Rngs | None = None
-  ) -> jax.Array:
-    """Self-attention.
+      self,
+      x: jax.Array,
+      mask: jax.Array,
+      *,
+      cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Self-attention, optionally over a key/value cache.
+
+    Without ``cache`` the ``L`` tokens attend to each other. With ``cache =
+    (k_cache, v_cache, index)`` (``[B, S, num_heads, head_dim]`` arrays and
+    an int32 scalar) the new keys/values are written at slots ``index ..
+    index + L - 1`` and the queries attend to all ``S`` slots. Prefix
+    key/values (the :attr:`prefix` hook) are prepended and always attendable.
 
     Args:
       x: ``[B, L, dim]``.
-      mask: boolean ``[B, L, L]`` (query, key); True = may attend.
+      mask: boolean ``[B, L, L]`` (query, key), or ``[B, L, S]`` (query,
+        cache slot) with a cache; True = may attend.
+      cache: optional ``(k_cache, v_cache, index)`` of this layer.
       rngs: call-time rngs (LoRA dropout).
 
     Returns:
-      ``[B, L, dim]``.
+      ``[B, L, dim]``; with a cache, ``(out, (k_cache, v_cache))`` with the
+      updated layer cache.
     """
     b, l, _ = x.shape
     nh, hd = self.num_heads, self.head_dim
@@ -145,13 +182,28 @@ class GPT2Attention(nnx.Module):
     q = split(linear_apply(self.q_proj, x, rngs))
     k = split(linear_apply(self.k_proj, x, rngs))
     v = split(linear_apply(self.v_proj, x, rngs))
+    new_cache = None
+    if cache is not None:
+      k_cache, v_cache, index = cache
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      new_cache = (k, v)
+    if self.prefix is not None:
+      pk, pv = self.prefix(b)
+      k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+      mask = jnp.concatenate(
+          [jnp.ones(mask.shape[:2] + (pk.shape[1],), bool), mask], axis=-1
+      )
     scores = jnp.einsum(
         'bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(hd))
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, l, nh * hd)
-    return linear_apply(self.o_proj, out, rngs)
+    out = linear_apply(self.o_proj, out, rngs)
+    return out if new_cache is None else (out, new_cache)
 
 
 class GPT2MLP(nnx.Module):
@@ -177,11 +229,19 @@ class GPT2Block(nnx.Module):
     self.mlp = GPT2MLP(cfg, rngs=rngs)
     self.dropout = cfg.dropout
 
-  def __call__(self, x, mask, *, rngs: nnx.Rngs | None = None):
-    h = self.attn(self.attn_norm(x), mask, rngs=rngs)
+  def __call__(self, x, mask, *, cache=None, rngs: nnx.Rngs | None = None):
+    """Applies the block; see :meth:`GPT2Attention.__call__` for ``cache``.
+
+    Returns:
+      ``[B, L, dim]``; with a cache, ``(x, (k_cache, v_cache))``.
+    """
+    h = self.attn(self.attn_norm(x), mask, cache=cache, rngs=rngs)
+    if cache is not None:
+      h, new_cache = h
     x = x + dropout(h, self.dropout, rngs)
     h = self.mlp(self.mlp_norm(x), rngs=rngs)
-    return x + dropout(h, self.dropout, rngs)
+    x = x + dropout(h, self.dropout, rngs)
+    return x if cache is None else (x, new_cache)
 
 
 class GPT2(nnx.Module):
@@ -193,6 +253,11 @@ class GPT2(nnx.Module):
     layers: ``nnx.List`` of :class:`GPT2Block`.
     norm: final ``nnx.LayerNorm`` (HF ``ln_f``).
     lm_head: output ``nnx.Linear`` without bias (``None`` when tied).
+    prompt: hook for prompt tuning, ``None`` by default; as
+      ``Decoder.prompt``: a module with an int attribute
+      ``num_virtual_tokens`` (``V``) whose call ``prompt(batch_size)`` returns
+      ``[B, V, dim]`` virtual-token embeddings, prepended to the token
+      embeddings (the position embeddings ``0..V-1`` are added to them).
   """
 
   def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
@@ -212,40 +277,178 @@ class GPT2(nnx.Module):
     else:
       self.lm_head = _linear(cfg, cfg.dim, cfg.vocab_size, rngs,
                              use_bias=False)
+    self.prompt = nnx.data(None)
+
+  @property
+  def num_virtual_tokens(self) -> int:
+    """Number ``V`` of soft-prompt tokens (0 without a :attr:`prompt`)."""
+    return 0 if self.prompt is None else self.prompt.num_virtual_tokens
 
   def __call__(
       self,
       input_ids: jax.Array,
       attention_mask: jax.Array | None = None,
       *,
+      positions: jax.Array | None = None,
+      cache: KVCache | None = None,
       rngs: nnx.Rngs | None = None,
-  ) -> jax.Array:
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
     """Computes next-token logits.
 
+    Two modes, as :meth:`fedjax_fm.models.Decoder.__call__`:
+
+    * Full sequence (``cache=None``): the ``L`` tokens attend causally to
+      each other. With a soft prompt (the :attr:`prompt` hook) its ``V``
+      virtual tokens (positions ``0..V-1``) are prepended, are always
+      attended to, and are dropped from the output.
+    * Cached (``cache`` from :meth:`init_cache` or a previous cached call):
+      the tokens are written into the cache at ``cache.index`` and attend to
+      every earlier real slot and causally among themselves. A cache made by
+      :meth:`init_cache` already holds the soft prompt, if any.
+
     Args:
-      input_ids: ``[B, L]`` int token ids, ``L <= max_len``.
+      input_ids: ``[B, L]`` int token ids (``V + L <= max_len`` without a
+        cache; ``cache.index + L <= cache.max_length`` with one, which is not
+        checked: writes past the end are clamped by XLA).
       attention_mask: optional ``[B, L]`` (1 = real token, 0 = padding);
-        padding keys are never attended to. Positions are ``0..L-1``.
+        padding keys are never attended to (with a cache, padding slots stay
+        masked for later calls too).
+      positions: optional ``[L]`` or ``[B, L]`` int indices into the learned
+        position embeddings, each in ``[0, max_len)`` (not checked; an
+        index out of range gives NaN embeddings). Default without a cache:
+        ``V .. V + L - 1`` (HF's default, padding included). Default with a
+        cache: the number of real tokens before each token (real cache slots,
+        virtual tokens included, plus real new tokens), so that padding does
+        not shift positions (as HF ``generate`` does); these stay below the
+        cache length, hence below ``max_len``.
+      cache: optional :class:`~fedjax_fm.models.decoder.KVCache`.
       rngs: call-time rngs for dropout; ``None`` = deterministic.
 
     Returns:
-      float32 logits ``[B, L, vocab_size]``.
+      float32 logits ``[B, L, vocab_size]``; with a cache, ``(logits,
+      new_cache)``.
+
+    Raises:
+      ValueError: if ``V + L`` exceeds ``max_len`` (no cache) or ``L``
+        exceeds the cache length.
     """
     cfg = self.config
     b, l = input_ids.shape
-    if l > cfg.max_len:
-      raise ValueError(f'sequence length {l} exceeds max_len={cfg.max_len}')
-    x = self.embed(input_ids) + self.pos_embed(jnp.arange(l))[None]
+    if attention_mask is None:
+      real = jnp.ones((b, l), bool)
+    else:
+      real = attention_mask.astype(bool)
+    x = self.embed(input_ids)
+    if cache is not None:
+      return self._cached_forward(x, real, positions, cache, rngs)
+    prompt = self.prompt
+    nv = self.num_virtual_tokens
+    if l + nv > cfg.max_len:
+      extra = f' + {nv} virtual tokens' if nv else ''
+      raise ValueError(
+          f'sequence length {l}{extra} exceeds max_len={cfg.max_len}'
+      )
+    if positions is None:
+      positions = jnp.arange(nv, nv + l)
+    x = x + self._position_embeddings(positions)
+    if prompt is not None:
+      virtual = prompt(b).astype(x.dtype)
+      virtual = virtual + self.pos_embed(jnp.arange(nv))[None]
+      x = jnp.concatenate([virtual, x], axis=1)
+      real = jnp.concatenate([jnp.ones((b, nv), bool), real], axis=1)
+    t = nv + l
     x = dropout(x, cfg.dropout, rngs)
-    mask = jnp.tril(jnp.ones((l, l), dtype=bool))[None]
-    if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, :]
-    mask = jnp.broadcast_to(mask, (b, l, l))
+    mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None] & real[:, None, :]
     for layer in self.layers:
       x = layer(x, mask, rngs=rngs)
+    return self._logits(x[:, nv:], rngs)
+
+  def _position_embeddings(self, positions: jax.Array) -> jax.Array:
+    """``[L]`` or ``[B, L]`` positions -> ``[1 or B, L, dim]`` embeddings."""
+    pos = self.pos_embed(jnp.asarray(positions))
+    return pos[None] if pos.ndim == 2 else pos
+
+  def _logits(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
     x = self.norm(x)
     if self.lm_head is None:
       logits = self.embed.attend(x)
     else:
       logits = linear_apply(self.lm_head, x, rngs)
     return logits.astype(jnp.float32)
+
+  def _cached_forward(self, x, real, positions, cache, rngs):
+    """Cached forward of token embeddings ``x [B, L, dim]``; see __call__."""
+    b, l = real.shape
+    s = cache.max_length
+    if l > s:
+      raise ValueError(
+          f'{l} new tokens do not fit a cache of max_length={s}'
+      )
+    index = cache.index
+    if positions is None:
+      before = jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]
+      positions = before + jnp.cumsum(real, axis=-1, dtype=jnp.int32) - 1
+      positions = jnp.maximum(positions, 0)
+    x = x + self._position_embeddings(positions).astype(x.dtype)
+    kv_mask = jax.lax.dynamic_update_slice(cache.mask, real, (0, index))
+    causal = jnp.arange(s)[None, :] <= index + jnp.arange(l)[:, None]
+    mask = causal[None] & kv_mask[:, None, :]
+    x = dropout(x, self.config.dropout, rngs)
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      x, (k, v) = layer(
+          x, mask, cache=(cache.k[i], cache.v[i], index), rngs=rngs
+      )
+      ks.append(k)
+      vs.append(v)
+    new_cache = KVCache(jnp.stack(ks), jnp.stack(vs), kv_mask, index + l)
+    return self._logits(x, rngs), new_cache
+
+  def init_cache(
+      self, batch_size: int, max_length: int, *, dtype: Any = None
+  ) -> KVCache:
+    """Returns a :class:`~fedjax_fm.models.decoder.KVCache` for cached calls.
+
+    The cache holds ``[num_layers, B, S, num_heads, head_dim]`` keys and
+    values. It is empty, except with a soft prompt (prompt tuning): its ``V``
+    virtual tokens (positions ``0..V-1``), which only attend to each other,
+    are run through the model and fill slots ``0..V-1`` (``index = V``).
+
+    Args:
+      batch_size: ``B >= 1``.
+      max_length: number of slots ``S``, virtual tokens included; ``V < S
+        <= config.max_len`` (HF ``n_positions``: every cached token needs a
+        learned position).
+      dtype: cache dtype; defaults to the compute dtype ``config.dtype``.
+
+    Returns:
+      The cache.
+
+    Raises:
+      ValueError: on a bad ``batch_size`` or ``max_length``.
+    """
+    cfg = self.config
+    for name, value in (('batch_size', batch_size),
+                        ('max_length', max_length)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
+    prompt = self.prompt
+    nv = self.num_virtual_tokens
+    if not nv < max_length <= cfg.max_len:
+      raise ValueError(
+          f'max_length must be in ({nv}, max_len={cfg.max_len}] (the model '
+          f'has {nv} virtual tokens), got {max_length}'
+      )
+    dtype = cfg.dtype if dtype is None else dtype
+    shape = (len(self.layers), batch_size, max_length, cfg.num_heads,
+             cfg.head_dim)
+    cache = KVCache(
+        jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+        jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32),
+    )
+    if prompt is not None:
+      x = prompt(batch_size).astype(cfg.dtype)
+      _, cache = self._cached_forward(
+          x, jnp.ones((batch_size, nv), bool), jnp.arange(nv), cache, None
+      )
+    return cache

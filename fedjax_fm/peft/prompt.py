@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_fm.models.decoder import Decoder
+from fedjax_fm.models.gpt2 import GPT2
 
 __all__ = [
     'PREFIX_INITS',
@@ -216,10 +217,10 @@ def _init_token_ids(model, n, token_ids, rngs):
 
 
 def _check_decoder(model, what):
-  if not isinstance(model, Decoder):
+  if not isinstance(model, (Decoder, GPT2)):
     raise ValueError(
-        f'{what} needs a fedjax_fm.models.Decoder (whose prompt/prefix hooks '
-        f'it sets), got {type(model).__name__}'
+        f'{what} needs a fedjax_fm.models.Decoder or GPT2 (whose prompt/prefix '
+        f'hooks it sets), got {type(model).__name__}'
     )
 
 
