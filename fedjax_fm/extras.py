@@ -24,6 +24,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     'matplotlib': ('matplotlib', 'plot'),
     'tensorboardX': ('tensorboardX', 'tensorboard'),
     'huggingface_hub': ('huggingface_hub', 'hf'),
+    'gguf': ('gguf', 'gguf'),
+    'jinja2': ('jinja2', 'gguf'),
 }
 
 

@@ -8,7 +8,9 @@ This package sits above :mod:`fedjax_fm.models` and :mod:`fedjax_fm.peft`
 * :mod:`fedjax_fm.hf.configs`: HF config dicts <-> our model configs;
 * :mod:`fedjax_fm.hf.weights`: HF weight names, safetensors loading;
 * :mod:`fedjax_fm.hf.load`: ``from_pretrained`` and per-family loaders;
-* :mod:`fedjax_fm.hf.export`: full checkpoints and HF PEFT LoRA adapters.
+* :mod:`fedjax_fm.hf.export`: full checkpoints and HF PEFT LoRA adapters;
+* :mod:`fedjax_fm.hf.gguf`: GGUF (llama.cpp) files: weights, config, tokenizer,
+  chat template.
 
 ::
 
@@ -19,6 +21,7 @@ This package sits above :mod:`fedjax_fm.models` and :mod:`fedjax_fm.peft`
 
 from fedjax_fm.hf import configs
 from fedjax_fm.hf import export
+from fedjax_fm.hf import gguf
 from fedjax_fm.hf import hub
 from fedjax_fm.hf import load
 from fedjax_fm.hf import weights
@@ -39,6 +42,9 @@ from fedjax_fm.hf.export import export_lora_adapter
 from fedjax_fm.hf.export import hf_config_for
 from fedjax_fm.hf.export import hf_state_dict
 from fedjax_fm.hf.export import lora_adapter_state
+from fedjax_fm.hf.gguf import load_gguf
+from fedjax_fm.hf.gguf import read_gguf
+from fedjax_fm.hf.gguf import smollm2_gguf_path
 from fedjax_fm.hf.hub import PACKAGE_PREFIX
 from fedjax_fm.hf.hub import hub_offline
 from fedjax_fm.hf.hub import load_hf_config
@@ -78,6 +84,7 @@ __all__ = [
     'family_of',
     'family_of_model_type',
     'from_pretrained',
+    'gguf',
     'gpt2_config_from_hf',
     'gpt2_config_to_hf',
     'hf_config_for',
@@ -89,6 +96,7 @@ __all__ = [
     'load',
     'load_bert',
     'load_bert_into',
+    'load_gguf',
     'load_gpt2',
     'load_gpt2_into',
     'load_hf_config',
@@ -100,7 +108,9 @@ __all__ = [
     'load_tokenizer',
     'lora_adapter_state',
     'minilm_dir',
+    'read_gguf',
     'resolve_model_dir',
+    'smollm2_gguf_path',
     'snapshot',
     'weights',
 ]
