@@ -5,6 +5,7 @@ Hugging Face PEFT adapter export lives in the top-level ``hf`` package
 """
 
 from fedjax_fm.peft import lora_aggregation
+from fedjax_fm.peft import qbase
 from fedjax_fm.peft import slora
 from fedjax_fm.peft import surgery
 from fedjax_fm.peft.adapters import AdapterLinear
@@ -19,6 +20,9 @@ from fedjax_fm.peft.lora import LoRALinear
 from fedjax_fm.peft.lora import apply_lora
 from fedjax_fm.peft.lora import linear_paths
 from fedjax_fm.peft.prompt import PrefixKV
+from fedjax_fm.peft.qbase import QuantizedLinear
+from fedjax_fm.peft.qbase import QuantizedTensor
+from fedjax_fm.peft.qbase import quantize_base
 from fedjax_fm.peft.prompt import PrefixParam
 from fedjax_fm.peft.prompt import PromptParam
 from fedjax_fm.peft.prompt import SoftPrompt
@@ -48,6 +52,8 @@ __all__ = [
     'PrefixKV',
     'PrefixParam',
     'PromptParam',
+    'QuantizedLinear',
+    'QuantizedTensor',
     'SoftPrompt',
     'apply_prefix_tuning',
     'apply_prompt_tuning',
@@ -56,6 +62,8 @@ __all__ = [
     'count_params',
     'linear_paths',
     'merge',
+    'qbase',
+    'quantize_base',
     'split_model',
     'tree_bytes',
 ]

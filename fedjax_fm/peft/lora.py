@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_fm.models.layers import dropout
+from fedjax_fm.peft.surgery import is_linear_leaf
 from fedjax_fm.peft.surgery import match_paths
 from fedjax_fm.peft.surgery import normalize_patterns
 
@@ -72,8 +73,9 @@ class LoRALinear(nnx.Module):
       rngs: used to initialise ``lora_a`` (``rngs.params()``).
     """
     _check_hparams(rank, alpha, dropout)
-    if not isinstance(base, nnx.Linear):
-      raise TypeError(f'base must be an nnx.Linear, got {type(base).__name__}')
+    if not is_linear_leaf(base):
+      raise TypeError('base must be an nnx.Linear or a QuantizedLinear, got '
+                      f'{type(base).__name__}')
     self.base = base
     self.rank = int(rank)
     self.alpha = float(alpha)
@@ -130,7 +132,7 @@ def linear_paths(model: nnx.Module) -> list[tuple[Any, ...]]:
     if isinstance(mod, LoRALinear):
       wrapped.add(id(mod.base))
   for path, mod in modules:
-    if isinstance(mod, nnx.Linear) and id(mod) not in wrapped:
+    if is_linear_leaf(mod) and id(mod) not in wrapped:
       out.append(tuple(path))
   return out
 

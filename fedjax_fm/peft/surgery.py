@@ -27,6 +27,7 @@ __all__ = [
     'dotted',
     'get_child',
     'innermost_linear',
+    'is_linear_leaf',
     'is_linear_wrapper',
     'linear_like_paths',
     'match_paths',
@@ -108,10 +109,20 @@ def set_child(parent: Any, key: Any, value: Any) -> None:
     setattr(parent, key, value)
 
 
+def is_linear_leaf(module: Any) -> bool:
+  """Whether ``module`` is a linear layer itself, not a wrapper of one.
+
+  An ``nnx.Linear``, or a layer standing in for one that says so with a true
+  class attribute ``is_linear_leaf`` (``peft.qbase.QuantizedLinear``).
+  """
+  return isinstance(module, nnx.Linear) or bool(
+      getattr(type(module), 'is_linear_leaf', False))
+
+
 def is_linear_wrapper(module: Any) -> bool:
   """Whether ``module`` wraps a linear layer (has a ``base`` module and features)."""
   return (
-      not isinstance(module, nnx.Linear)
+      not is_linear_leaf(module)
       and isinstance(getattr(module, 'base', None), nnx.Module)
       and hasattr(module, 'in_features')
       and hasattr(module, 'out_features')
@@ -124,7 +135,7 @@ def innermost_linear(layer: Any) -> nnx.Linear:
   Raises:
     TypeError: if ``layer`` is neither an ``nnx.Linear`` nor a wrapper.
   """
-  while not isinstance(layer, nnx.Linear):
+  while not is_linear_leaf(layer):
     if not is_linear_wrapper(layer):
       raise TypeError(
           f'expected an nnx.Linear or a linear wrapper, got '
@@ -144,7 +155,7 @@ def linear_like_paths(model: nnx.Module) -> list[tuple[Any, ...]]:
   """
   found = []
   for path, mod in nnx.iter_modules(model):
-    if isinstance(mod, nnx.Linear) or is_linear_wrapper(mod):
+    if is_linear_leaf(mod) or is_linear_wrapper(mod):
       found.append(tuple(path))
   found_set = set(found)
   return [
