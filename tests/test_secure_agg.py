@@ -114,3 +114,25 @@ def test_fixed_point_scale_no_overflow():
     sa.fixed_point_scale(1.0, 0)
   with pytest.raises(ValueError, match='scale'):
     sa.quantize(x, 1.0, 2.0 ** 32)
+
+
+@pytest.mark.parametrize('bits', [1, 31])
+def test_masks_mod_2_to_the_b(bits):
+  """With modulus 2^b every masked value is in [0, 2^b), the unmasked sum of the
+  survivors is exact mod 2^b, and the masked values' top bit is uniform."""
+  rng = np.random.default_rng(bits)
+  num, dim = 5, 2000
+  updates = {'v': jnp.asarray(rng.integers(0, 2 ** bits, size=(num, dim)), jnp.uint32)}
+  ids = jnp.array([4, 9, 1, 30, 2])
+  dropped = np.array([False, False, True, False, False])
+  seeds = sa.pairwise_seeds(jax.random.key(3), ids)
+  masked = sa.mask(updates, ids, seeds, modulus_bits=bits)
+  total = sa.unmask_sum(masked, jnp.asarray(dropped), ids, seeds, modulus_bits=bits)
+  ref = np.asarray(updates['v'], np.int64)[~dropped].sum(0) % 2 ** bits
+  np.testing.assert_array_equal(np.asarray(total['v']), ref)
+  m = np.asarray(masked['v']).astype(np.int64)
+  assert m.max() < 2 ** bits
+  top = (m[0] >> (bits - 1)) & 1
+  assert abs(top.mean() - 0.5) < 5 * 0.5 / np.sqrt(dim)
+  with pytest.raises(ValueError, match='modulus_bits'):
+    sa.mask(updates, ids, seeds, modulus_bits=33)

@@ -1,6 +1,7 @@
 """Federated data: datasets, partitioning, sources and tokenizers."""
 
 from fedjax_fm.data import partition
+from fedjax_fm.data import stdlib_instructions
 from fedjax_fm.data.federated import FederatedDataset
 from fedjax_fm.data.federated import prefetch
 from fedjax_fm.data.federated import shuffle_keys
@@ -23,6 +24,8 @@ from fedjax_fm.data.sources import load_tfds
 from fedjax_fm.data.stdlib_docs import DEFAULT_PACKAGES
 from fedjax_fm.data.stdlib_docs import build_stdlib_docstrings
 from fedjax_fm.data.stdlib_docs import load_stdlib_docstrings
+from fedjax_fm.data.stdlib_instructions import build_stdlib_instructions
+from fedjax_fm.data.stdlib_instructions import load_stdlib_instructions
 from fedjax_fm.data.tokenizers import HFTokenizer
 from fedjax_fm.data.tokenizers import SentencePieceTokenizer
 from fedjax_fm.data.tokenizers import Tokenizer

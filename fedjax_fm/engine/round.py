@@ -149,7 +149,14 @@ def build_round(loss_fn: client_lib.LossFn,
     privacy: client-level DP: an object with ``clip(delta) -> (delta, norm)``,
       applied per client before encoding, and ``noise(key, mean, num_clients)``
       applied to the aggregate. With privacy, clients are averaged with
-      uniform weights (the sensitivity of the mean is clip / clients).
+      uniform weights (the sensitivity of the mean is clip / clients). When its
+      ``distributed`` is set (`fedjax_fm.privacy.distributed.skellam_dp`) the
+      mechanism is distributed: each client encodes its clipped update into
+      noised ``b``-bit integers (the uplink payload; ``compressor`` must be
+      None), the round sums them by the mechanism's secure aggregation (its
+      whole-round aggregator; ``aggregator`` must be None) and the server adds
+      no noise. The clients and the server share a key per round (the
+      `RoundContext` key; clients read it as ``inputs['shared_key']``).
     adaptive_clip: quantile-based adaptive clipping (an ``AdaptiveClip`` from
       `fedjax_fm.privacy`); the clip norm lives in ``ServerState.clip`` and
       follows the target quantile of the clients' update norms.
@@ -164,13 +171,27 @@ def build_round(loss_fn: client_lib.LossFn,
   (`fedjax_fm.engine.uplink`): clip (with ``privacy``) -> compress -> clip again
   (with ``privacy`` and a compressor: the decoded update, which is what is
   averaged, stays within the clip norm) -> attack (with ``attack``) ->
-  non-finite guard (with ``guard_nonfinite``).
+  non-finite guard (with ``guard_nonfinite``). With a distributed ``privacy``:
+  clip -> attack -> `uplink.distributed_encode` (which re-clips, and sends a
+  non-finite update as zeros with its noise share).
 
   Returns:
     A `FederatedRound`.
   """
   if strategy not in strategies.STRATEGIES:
     raise ValueError(f'strategy {strategy!r} is unknown; allowed: {strategies.STRATEGIES}')
+  distributed = getattr(privacy, 'distributed', None) if privacy is not None else None
+  if distributed is not None:
+    if compressor is not None:
+      raise ValueError('a distributed DP mechanism sends its own b-bit integers (they are '
+                       'the compressed uplink): compressor must be None')
+    if aggregator is not None and aggregator is not distributed.aggregator:
+      raise ValueError('a distributed DP mechanism aggregates by its own secure sum: '
+                       'aggregator must be None')
+    if adaptive_clip is not None:
+      raise ValueError('adaptive_clip is not supported with a distributed DP mechanism '
+                       '(its scale and sensitivity are fixed by the clip norm)')
+    aggregator = distributed.aggregator
   aggregator = aggregator or mean_lib.weighted_mean()
   if not isinstance(aggregator, aggregate_base.Aggregator):
     raise TypeError(f'aggregator must be a fedjax_fm.aggregate.Aggregator, got '
@@ -185,7 +206,8 @@ def build_round(loss_fn: client_lib.LossFn,
   compressor_given = compressor is not None
   compressor = compressor or compress_base.identity()
   steps = [uplink_lib.clip(privacy)] if privacy is not None else []
-  steps.append(uplink_lib.compress(compressor))
+  if distributed is None:
+    steps.append(uplink_lib.compress(compressor))
   if privacy is not None and compressor_given:
     # A compressor may expand what it is given (stochastic rounding, error feedback
     # adding back residuals): what is averaged is bounded again by the clip norm, so
@@ -193,7 +215,9 @@ def build_round(loss_fn: client_lib.LossFn,
     steps.append(uplink_lib.clip(privacy, name='clip_decoded', report=False))
   if attack is not None:
     steps.append(uplink_lib.attack(*attack))
-  if guard_nonfinite:
+  if distributed is not None:   # the noised integers are the payload (last step)
+    steps.append(uplink_lib.distributed_encode(distributed))
+  elif guard_nonfinite:
     steps.append(uplink_lib.guard_nonfinite())
   uplink = uplink_lib.chain(*steps)
 
@@ -206,7 +230,8 @@ def build_round(loss_fn: client_lib.LossFn,
     return server_factory(hparams) if server_factory else server_optimizer
 
   params_shape = jax.eval_shape(lambda p: p, params_like)
-  uplink_bytes = compress_base.payload_nbytes(compressor, params_shape)
+  uplink_bytes = (distributed.payload_nbytes if distributed is not None else
+                  compress_base.payload_nbytes(compressor, params_shape))
   if scores:
     uplink_bytes += tree_util.tree_nbytes(params_shape)
   downlink_bytes = (tree_util.tree_nbytes(params_shape) if downlink_compressor is None else
@@ -295,6 +320,9 @@ def build_round(loss_fn: client_lib.LossFn,
     if privacy is not None:
       weight = mask.astype(jnp.float32)   # uniform weights bound the mean's sensitivity
     round_key = jax.random.fold_in(state.key, state.round)
+    # The round's shared key: a whole-round aggregator's RoundContext key, and, for
+    # a distributed DP mechanism, the clients' too (the rotation they all apply).
+    context_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFD))
     keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(ids)
     store_ids = jnp.where(mask, ids, num_clients)   # padding clients scatter out of bounds
     client_states = jax.tree.map(lambda s: s.at[store_ids].get(mode='fill', fill_value=0),
@@ -305,6 +333,8 @@ def build_round(loss_fn: client_lib.LossFn,
       clip_norm = (state.clip.clip_norm if adaptive_clip is not None
                    else jnp.float32(privacy.clip_norm))
       inputs['clip_norm'] = jnp.broadcast_to(clip_norm, weight.shape)
+    if distributed is not None:
+      inputs['shared_key'] = jnp.broadcast_to(context_key, weight.shape)
     if attack is not None:
       attacker = round_data.get('attacker')
       inputs['attacker'] = (jnp.zeros(weight.shape, bool) if attacker is None
@@ -340,8 +370,7 @@ def build_round(loss_fn: client_lib.LossFn,
     cm = outputs['metrics']
     if whole_round:
       updates, weights = outputs['updates']
-      context = aggregate_base.RoundContext(
-          key=jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFD)), client_id=ids)
+      context = aggregate_base.RoundContext(key=context_key, client_id=ids)
       mean_delta, agg_info = aggregator.aggregate(updates, weights, start, context=context)
     else:
       mean_delta, agg_info = aggregator.finalize(acc['update'], start)
@@ -393,6 +422,9 @@ def build_round(loss_fn: client_lib.LossFn,
       metrics['clip_norm'] = clip_norm
       metrics['unclipped_fraction'] = (jnp.sum(fmask * cm['unclipped'].astype(jnp.float32))
                                        / jnp.maximum(n, 1.0))
+    if distributed is not None:   # clients whose rounding fell back to the zero vector
+      metrics['dp_rounding_fallbacks'] = jnp.sum(
+          fmask * (1.0 - cm['rounding_ok'].astype(jnp.float32)))
     new_state = state._replace(params=params, opt_state=opt_state, client_store=store,
                                round=state.round + 1, **new)
     return new_state, metrics

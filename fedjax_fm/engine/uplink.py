@@ -8,10 +8,18 @@ optax way: every step is a pair of pure functions, and `chain` composes them::
       -> (update, weight, state, metrics)          # one client (the engine vmaps it)
 
 ``inputs`` holds the per-client round inputs a step may read (``clip_norm``,
-``attacker``). The default chain of `fedjax_fm.engine.build_round` is::
+``attacker``, ``shared_key``). The default chain of `fedjax_fm.engine.build_round` is::
 
   clip (DP) -> compress (encode, decode; the payload is what crosses the wire)
             -> attack (simulated malicious clients) -> non-finite guard (weight 0)
+
+With a distributed DP mechanism (`fedjax_fm.privacy.distributed`) it is::
+
+  clip (DP) -> attack -> distributed_encode (noised b-bit integers: the payload)
+
+The last step of a chain may *encode* (``UplinkStep.encodes``): it returns the
+wire payload (other shapes and dtypes) instead of an update shaped like the
+input, for a whole-round aggregator that decodes it (the secure sum).
 
 A step's state (e.g. a compressor's error-feedback residual) lives in
 ``ServerState.client_store``, gathered and scattered by client id inside the
@@ -32,10 +40,15 @@ from fedjax_fm.compress import base as compress_base
 
 
 class UplinkStep(NamedTuple):
-  """One pure step of the uplink path (see the module docstring)."""
+  """One pure step of the uplink path (see the module docstring).
+
+  ``encodes``: the step turns the update into its wire payload, whose structure
+  and shapes differ from the update's; only the last step of a chain may.
+  """
   init: Callable[[Any], Any]
   apply: Callable[..., tuple[Any, jax.Array, Any, dict]]
   name: str = ''
+  encodes: bool = False
 
 
 def _no_state(params_like):
@@ -103,17 +116,39 @@ def guard_nonfinite() -> UplinkStep:
   return UplinkStep(_no_state, apply, 'guard_nonfinite')
 
 
+def distributed_encode(mechanism) -> UplinkStep:
+  """The client side of a distributed DP mechanism: its noised integer payload.
+
+  ``mechanism.encode(key, update, inputs['shared_key']) -> (payload, metrics)``
+  (`fedjax_fm.privacy.distributed.DistributedMechanism`): the update becomes
+  the wire payload (``b``-bit integers in ``uint32`` words), so this step
+  encodes and ends the chain. The weight is kept: a client whose update is not
+  finite sends zeros with its noise share (reported as ``finite``).
+  """
+
+  def apply(key, update, weight, state, inputs):
+    payload, metrics = mechanism.encode(key, update, inputs['shared_key'])
+    return payload, weight, state, metrics
+
+  return UplinkStep(_no_state, apply, 'distributed_encode', encodes=True)
+
+
 def chain(*steps: UplinkStep) -> UplinkStep:
   """Composes steps left to right.
 
   The state is a dict ``{step name: state}`` (e.g. ``{'compress': ...}``) of
   the steps that have one. Every step receives the same key (a step derives its
   own stream from it), and must return an update of the structure and shapes it
-  received (asserted with `chex`, at trace time).
+  received (asserted with `chex`, at trace time), except an encoding last step.
+  The chain encodes when its last step does.
   """
   names = [step.name or f'step_{i}' for i, step in enumerate(steps)]
   if len(set(names)) != len(names):
     raise ValueError(f'uplink steps need distinct names, got {names}')
+  early = [n for n, step in zip(names[:-1], steps[:-1]) if step.encodes]
+  if early:
+    raise ValueError(f'only the last uplink step may encode the payload; got {early} '
+                     f'before {names[-1]!r}')
 
   def init(params_like):
     states = {n: step.init(params_like) for n, step in zip(names, steps)}
@@ -125,12 +160,13 @@ def chain(*steps: UplinkStep) -> UplinkStep:
       s = state.get(n, ())
       received = update
       update, weight, s, m = step.apply(key, update, weight, s, inputs)
-      chex.assert_trees_all_equal_shapes(
-          update, received,
-          custom_message=f'uplink step {n!r} changed the update\'s structure or shapes')
+      if not step.encodes:
+        chex.assert_trees_all_equal_shapes(
+            update, received,
+            custom_message=f'uplink step {n!r} changed the update\'s structure or shapes')
       if n in state:
         new_state[n] = s
       metrics.update(m)
     return update, weight, new_state, metrics
 
-  return UplinkStep(init, apply, 'chain')
+  return UplinkStep(init, apply, 'chain', encodes=bool(steps) and steps[-1].encodes)

@@ -1,9 +1,13 @@
 """Differential privacy and secure aggregation for federated learning."""
 
 from fedjax_fm.privacy.accounting import Accountant
+from fedjax_fm.privacy.accounting import SkellamAccountant
 from fedjax_fm.privacy.accounting import dp_event
 from fedjax_fm.privacy.accounting import epsilon
 from fedjax_fm.privacy.accounting import noise_multiplier_for_epsilon
+from fedjax_fm.privacy.accounting import skellam_epsilon
+from fedjax_fm.privacy.accounting import skellam_noise_multiplier_for_epsilon
+from fedjax_fm.privacy.accounting import skellam_rdp
 from fedjax_fm.privacy.adaptive import AdaptiveClip
 from fedjax_fm.privacy.adaptive import AdaptiveClipState
 from fedjax_fm.privacy.adaptive import quantile_adaptive_clip
@@ -18,10 +22,14 @@ from fedjax_fm.privacy.dp_fedavg import Privacy
 from fedjax_fm.privacy.dp_fedavg import add_gaussian_noise
 from fedjax_fm.privacy.dp_fedavg import fixed_denominator_mean
 from fedjax_fm.privacy.dp_fedavg import gaussian_dp
+from fedjax_fm.privacy.distributed import skellam_dp
+from fedjax_fm.privacy.distributed import skellam_mechanism
+from fedjax_fm.privacy.distributed import skellam_params
 from fedjax_fm.privacy import accounting
 from fedjax_fm.privacy import adaptive
 from fedjax_fm.privacy import audit
 from fedjax_fm.privacy import clipping
+from fedjax_fm.privacy import distributed
 from fedjax_fm.privacy import dp_fedavg
 from fedjax_fm.privacy import secure_agg
 

@@ -34,6 +34,10 @@ Engine wiring::
 If the engine aggregates a *sum* instead of a mean, call
 ``dp.noise(key, total, 1)`` (noise ``z C`` on the sum).
 
+The distributed variant, where clients add integer noise under secure
+aggregation and the server never sees an update, is
+`fedjax_fm.privacy.distributed.skellam_dp` (same clipping and noise multiplier).
+
 References:
   * McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially Private
     Recurrent Language Models", https://arxiv.org/abs/1710.06963
@@ -70,6 +74,11 @@ class Privacy(NamedTuple):
     clip_norm: The configured clip bound ``C``.
     noise_multiplier: The configured noise multiplier ``z``.
     per_layer: Whether clipping is per leaf (total bound ``C``).
+    distributed: ``None`` for the central (server-noised) mechanism; for a
+      distributed one (`fedjax_fm.privacy.distributed.skellam_dp`) its
+      `DistributedMechanism`: the clients encode their clipped updates into
+      noised integers, the round aggregates them by its secure sum, and
+      ``noise`` adds nothing.
   """
   clip: Callable[..., tuple[Any, jax.Array]]
   noise: Callable[..., Any]
@@ -78,6 +87,7 @@ class Privacy(NamedTuple):
   clip_norm: float
   noise_multiplier: float
   per_layer: bool
+  distributed: Any = None
 
 
 def gaussian_dp(clip_norm: float, noise_multiplier: float, *,

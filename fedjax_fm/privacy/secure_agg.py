@@ -29,7 +29,8 @@ Simplifications (this is a simulation of the arithmetic, not a cryptographic
 implementation): seeds come from one PRNG key instead of a key exchange; the
 self-mask ("double masking") that protects a slow client wrongly declared
 dropped, the Shamir threshold ``t`` and the consistency checks are omitted; the
-modulus is fixed to ``2^32``.
+modulus is a power of two, ``2^b`` with ``b <= 32`` (``mask(...,
+modulus_bits=b)``; 32 by default).
 
 Composing with a quantizer: any integer encoding can be masked instead of the
 fixed-point one, as long as (a) decoding is linear with parameters shared by all
@@ -38,7 +39,8 @@ fixed-point scale, or stochastic uniform quantization on a shared grid; *not*
 per-client norm scales such as QSGD's), and (b) the sum of the codes over the
 clients fits in ``[-2^31, 2^31)``. DP noise, if any, must then be added by the
 clients in the integer domain (distributed discrete Gaussian, Kairouz et al.
-2021), since the server only sees the sum.
+2021; distributed Skellam, Agarwal et al. 2021), since the server only sees the
+sum: `fedjax_fm.privacy.distributed` does this in ``Z / 2^b``.
 
 References:
   * Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving
@@ -213,31 +215,47 @@ def _masks(coeffs, seeds, shapes):
   return jax.vmap(for_client)(coeffs, seeds)
 
 
-def mask(updates_int, client_ids, seeds):
-  """Adds every client's pairwise masks to its integer update, mod ``2^32``.
+def _reduce_mod(x, modulus_bits):
+  """``x mod 2^modulus_bits`` for uint32 ``x`` (a no-op for 32)."""
+  if int(modulus_bits) != modulus_bits or not 1 <= modulus_bits <= MODULUS_BITS:
+    raise ValueError(
+        f'modulus_bits must be an integer in [1, 32]; got {modulus_bits!r}.')
+  if modulus_bits == MODULUS_BITS:
+    return x
+  return x & jnp.uint32((1 << int(modulus_bits)) - 1)
+
+
+def mask(updates_int, client_ids, seeds, *, modulus_bits: int = MODULUS_BITS):
+  """Adds every client's pairwise masks to its integer update, mod ``2^b``.
 
   Client ``a`` sends ``x_a + sum_{b != a} sign(a, b) PRG(seeds[a, b])`` with
   ``sign = +1`` when ``a`` precedes ``b`` in ``(client_id, position)`` order and
   ``-1`` otherwise, so every pair's mask cancels in the sum over all clients.
-  Each leaf uses its own stream (``fold_in(seed, leaf_index)``).
+  Each leaf uses its own stream (``fold_in(seed, leaf_index)``). Arithmetic is
+  ``uint32`` with wraparound, reduced mod ``2^b`` at the end; since ``2^b``
+  divides ``2^32`` this equals computing in ``Z / 2^b`` throughout, and each
+  masked vector is uniform on ``Z_{2^b}^d``.
 
   Args:
     updates_int: Pytree of ``uint32`` arrays with a leading clients axis
       ``[C, ...]`` (e.g. from `quantize`).
     client_ids: int ``[C]`` global client ids.
     seeds: ``[C, C]`` symmetric PRNG keys (`pairwise_seeds`).
+    modulus_bits: ``b`` in ``[1, 32]``: the modulus is ``2^b`` (default 32).
 
   Returns:
-    The masked pytree (``uint32``, same shapes).
+    The masked pytree (``uint32`` holding values in ``[0, 2^b)``, same shapes).
   """
   leaves, treedef = jax.tree.flatten(updates_int)
   shapes = [tuple(x.shape[1:]) for x in leaves]
   masks = _masks(_signs(client_ids), seeds, shapes)
   return jax.tree.unflatten(
-      treedef, [x.astype(jnp.uint32) + m for x, m in zip(leaves, masks)])
+      treedef, [_reduce_mod(x.astype(jnp.uint32) + m, modulus_bits)
+                for x, m in zip(leaves, masks)])
 
 
-def unmask_sum(masked, dropped, client_ids, seeds):
+def unmask_sum(masked, dropped, client_ids, seeds, *,
+               modulus_bits: int = MODULUS_BITS):
   """Sum of the surviving clients' updates from their masked vectors.
 
   The server adds the masked vectors of the survivors (``dropped == False``);
@@ -252,9 +270,10 @@ def unmask_sum(masked, dropped, client_ids, seeds):
     dropped: bool ``[C]``, True for clients whose masked update never arrived.
     client_ids: int ``[C]`` (as given to `mask`).
     seeds: ``[C, C]`` PRNG keys (as given to `mask`).
+    modulus_bits: ``b`` (as given to `mask`).
 
   Returns:
-    Pytree of ``uint32`` (no clients axis): the exact sum mod ``2^32`` of the
+    Pytree of ``uint32`` (no clients axis): the exact sum mod ``2^b`` of the
     survivors' integer updates.
   """
   alive = ~jnp.asarray(dropped, bool)
@@ -268,7 +287,7 @@ def unmask_sum(masked, dropped, client_ids, seeds):
     keep = alive.reshape((-1,) + (1,) * (x.ndim - 1))
     total = jnp.sum(jnp.where(keep, x.astype(jnp.uint32), jnp.uint32(0)),
                     axis=0, dtype=jnp.uint32)
-    out.append(total - jnp.sum(m, axis=0, dtype=jnp.uint32))
+    out.append(_reduce_mod(total - jnp.sum(m, axis=0, dtype=jnp.uint32), modulus_bits))
   return jax.tree.unflatten(treedef, out)
 
 

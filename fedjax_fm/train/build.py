@@ -112,7 +112,24 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   # ---- privacy
   dp, adaptive, noise_multiplier = None, None, 0.0
   pv = config.privacy
-  if pv.enabled:
+  skellam = pv.enabled and pv.mechanism == 'skellam'
+  if skellam:   # distributed: clients noise b-bit integers, summed by secure aggregation
+    dim = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(split.trainable))
+    noise_multiplier = pv.noise_multiplier
+    if pv.target_epsilon:
+      noise_multiplier = privacy_lib.skellam_noise_multiplier_for_epsilon(
+          pv.target_epsilon, f.clients_per_round / population, config.num_rounds, pv.delta,
+          dim=dim, clip_norm=pv.clip_norm, expected_clients=f.clients_per_round,
+          bits=pv.bits, beta=pv.beta)
+    dp = privacy_lib.distributed.skellam_dp(
+        split.trainable, pv.clip_norm, noise_multiplier, f.clients_per_round, pv.bits,
+        beta=pv.beta, per_layer=pv.per_layer)
+    sp = dp.distributed.params
+    log(f'distributed Skellam DP: {sp.dim:,} coordinates padded to {sp.padded_dim:,}, '
+        f'{sp.bits}-bit secure aggregation, scale {sp.scale:.4g}, noise multiplier '
+        f'{noise_multiplier:.4g}, rounding inflates the sensitivity by '
+        f'{100 * (sp.quantization_inflation - 1):.3g}%')
+  elif pv.enabled:
     noise_multiplier = pv.noise_multiplier
     if pv.target_epsilon:   # calibrated over all the run's rounds (every stage)
       noise_multiplier = privacy_lib.noise_multiplier_for_epsilon(
@@ -144,6 +161,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   if (p.method in ('lora', 'slora') and not sparse_stage
       and config.aggregator.name == 'mean'):   # a LoRA mode is itself the (streaming) mean
     aggregator = registries.LORA_AGGREGATION[p.lora_aggregation](p)
+  if skellam:   # the secure sum of the mechanism is the mean (fedit / ffa: plain means)
+    aggregator = None
   attack = None
   attackers = np.zeros(population, bool)
   if config.attack.kind != 'none':
@@ -212,7 +231,10 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
     return data
 
   accountant = None
-  if dp is not None:
+  if skellam:
+    accountant = privacy_lib.SkellamAccountant(
+        dp.distributed.params, f.clients_per_round / population, pv.delta)
+  elif dp is not None:
     accountant = privacy_lib.Accountant(
         noise_multiplier, f.clients_per_round / population, pv.delta,
         accountant=pv.accountant, sampling='fixed', population=population)

@@ -32,7 +32,7 @@ from fedjax_fm.train import logs
 from fedjax_fm.train.build import Experiment
 from fedjax_fm.train.build import build_experiment
 from fedjax_fm.train.evaluate import evaluate_clients
-from fedjax_fm.train.evaluate import evaluate_generation
+from fedjax_fm.train.evaluate import generation_before_after
 
 
 @dataclasses.dataclass
@@ -118,8 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        if k in ('mean', 'p10', 'worst')}))
   generation = None
   if exp.data.instructions is not None and cfg.data.generate_examples:
-    generation = evaluate_generation(exp, state.params, frozen)
-    logs.log('generation on held-out instructions: ' + logs.fmt_metrics(generation))
+    generation = generation_before_after(exp, state.params, frozen, workdir)
 
   # ---- summary
   n_trainable = tree_util.tree_size(exp.split.trainable)
@@ -132,8 +131,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   if 'sparse' in record.stage_after:
     summary['stage1_after'] = record.stage_after['sparse']
-  if generation is not None:
-    summary['generation'] = generation
+  if generation is not None:   # {'generation': after, 'generation_before': before}
+    summary.update(generation)
   if federated is not None:
     summary['client_distribution'] = federated['distribution']
   if personal is not None:
@@ -142,6 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary['epsilon'] = accountant.epsilon
     summary['delta'] = cfg.privacy.delta
     summary['noise_multiplier'] = accountant.noise_multiplier
+    summary['dp_mechanism'] = cfg.privacy.mechanism
   if main_process:
     with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
       json.dump(summary, fh, indent=2)
@@ -253,6 +253,8 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       if accountant is not None:
         line['epsilon'] = accountant.step()
         line['clip_norm'] = float(m['clip_norm'])
+        if float(m.get('dp_rounding_fallbacks', 0)):   # distributed DP: zero updates sent
+          line['dp_rounding_fallbacks'] = int(m['dp_rounding_fallbacks'])
       if int(m['nonfinite_clients']):
         line['nonfinite_clients'] = int(m['nonfinite_clients'])
       if (r + 1) % cfg.eval.every == 0 or r + 1 == last:

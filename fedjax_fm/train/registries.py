@@ -9,7 +9,10 @@ every registered name).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+import functools
+import os
+import re
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from flax import nnx
 import jax.numpy as jnp
@@ -98,9 +101,145 @@ def _decoder(config, task_data):
   return models.Decoder(cfg, rngs=nnx.Rngs(config.seed)), task_of(config)
 
 
+class Pretrained(NamedTuple):
+  """A pretrained decoder and what it reads and writes (`load_pretrained_decoder`).
+
+  Attributes:
+    model: a fresh `models.Decoder` (PEFT surgery changes a model in place, so
+      every call builds a new one from the same weights).
+    tokenizer: its tokenizer, a `data.HFTokenizer`.
+    prompt_template: its chat template as a `data.PromptTemplate` (one user
+      turn: the instruction, a blank line and the input), or None without one.
+    eos_id: the id that ends a response (a chat turn), or None.
+    description: the file, its model name and the layers kept.
+  """
+  model: Any
+  tokenizer: Any
+  prompt_template: Any
+  eos_id: int | None
+  description: str
+
+
+_SENTINELS = ('\x00instruction\x00', '\x00input\x00')
+
+
+def chat_prompt_template(render: Callable[[list], str]):
+  """A `data.PromptTemplate` rendering one user turn of a chat template.
+
+  Args:
+    render: ``render(messages) -> str``, the chat template with the header of
+      the assistant turn (e.g. ``GGUFInfo.apply_chat_template``).
+
+  Returns:
+    A template whose ``format(instruction, input)`` equals
+    ``render([{'role': 'user', 'content': instruction + '\\n\\n' + input}])``
+    (``instruction`` alone for an empty input).
+  """
+  from fedjax_fm.data import instructions  # pylint: disable=g-import-not-at-top
+
+  def fields(content):
+    text = render([{'role': 'user', 'content': content}])
+    text = text.replace('{', '{{').replace('}', '}}')
+    return text.replace(_SENTINELS[0], '{instruction}').replace(_SENTINELS[1], '{input}')
+
+  return instructions.PromptTemplate(
+      with_input=fields(_SENTINELS[0] + '\n\n' + _SENTINELS[1]),
+      without_input=fields(_SENTINELS[0]))
+
+
+_GGUF_BLOCK = re.compile(r'model\.layers\.(\d+)\.')
+
+
+@functools.lru_cache(maxsize=1)
+def _read_gguf(path: str, dtype: str, max_len: int, keep_layers: int):
+  """(graphdef, state, tokenizer, metadata) of a GGUF file; the last one stays in memory."""
+  from fedjax_fm.hf import configs as hf_configs  # pylint: disable=g-import-not-at-top
+  from fedjax_fm.hf import gguf  # pylint: disable=g-import-not-at-top
+  from fedjax_fm.hf import weights as hf_weights  # pylint: disable=g-import-not-at-top
+  from fedjax_fm.hf.load import build_and_load  # pylint: disable=g-import-not-at-top
+
+  compute = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
+  if not keep_layers:
+    model, tokenizer, info = gguf.load_gguf(path, dtype=compute, param_dtype=jnp.float32,
+                                            max_len=max_len)
+    metadata = info.metadata
+  else:   # the first blocks only: the others are neither dequantized nor built
+    ckpt = gguf.read_gguf(path, dequantize=False)
+    metadata = ckpt.metadata
+    num_layers = int(ckpt.hf_config['num_hidden_layers'])
+    if keep_layers > num_layers:
+      from fedjax_fm import config as config_lib  # pylint: disable=g-import-not-at-top
+      raise config_lib.ConfigError(f'config.model.keep_layers={keep_layers} is invalid: '
+                                   f'{path} has {num_layers} layers')
+    tensors = {name: t.dequantize() for name, t in ckpt.tensors.items()
+               if not (m := _GGUF_BLOCK.match(name)) or int(m.group(1)) < keep_layers}
+    cfg = hf_configs.decoder_config_from_hf(
+        dict(ckpt.hf_config, num_hidden_layers=keep_layers), dtype=compute,
+        param_dtype=jnp.float32, max_len=max_len)
+    model = build_and_load(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0)),
+                           lambda m: hf_weights.load_llama_into(m, tensors))
+    tokenizer = gguf.gguf_tokenizer(metadata)
+  graphdef, state = nnx.split(model)
+  return graphdef, state, tokenizer, metadata
+
+
+def load_pretrained_decoder(config) -> Pretrained:
+  """The pretrained decoder of ``config.model`` (``kind="gguf"``), its tokenizer and chat.
+
+  The file is `fedjax_fm.hf.gguf.load_gguf`'s (``config.model.path``, or the
+  bundled SmolLM2-135M-Instruct); with ``config.model.keep_layers`` only the
+  first blocks are read. The weights are read once per process (the last file
+  read stays in memory); every call returns a new model built from them.
+
+  Raises:
+    ConfigError: if ``config.model.path`` is not a file, or
+      ``config.model.keep_layers`` exceeds the model's layers.
+  """
+  from fedjax_fm import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_fm import data as data_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_fm.hf import gguf  # pylint: disable=g-import-not-at-top
+
+  m = config.model
+  path = m.path or gguf.smollm2_gguf_path()
+  if not os.path.isfile(path):
+    raise config_lib.ConfigError(f'config.model.path={m.path!r} is invalid: no such file')
+  # Room for the soft prompt, and for the generated tokens after a prompt of up to
+  # data.max_len tokens (every held-out prompt fits data.max_len, see evaluate.py).
+  room = config.peft.num_virtual_tokens if config.peft.method == 'prompt' else 0
+  room += config.data.generate_max_tokens
+  graphdef, state, tokenizer, metadata = _read_gguf(
+      os.path.abspath(path), m.dtype, config.data.max_len + room, m.keep_layers)
+  tokens = metadata.get('tokenizer.ggml.tokens') or ()
+
+  def special(key):
+    i = metadata.get(f'tokenizer.ggml.{key}_token_id')
+    return (None, '') if i is None else (int(i), str(tokens[int(i)]))
+
+  (eos_id, eos_token), (pad_id, _), (_, bos_token) = (
+      special('eos'), special('padding'), special('bos'))
+  template = None
+  chat = metadata.get('tokenizer.chat_template')
+  if chat:
+    template = chat_prompt_template(lambda messages: gguf.render_chat_template(
+        chat, messages, add_generation_prompt=True, bos_token=bos_token,
+        eos_token=eos_token))
+  arch = metadata.get('general.architecture', 'llama')
+  num_layers = int(metadata.get(f'{arch}.block_count', 0))
+  description = (f'{metadata.get("general.name") or "GGUF"} ({os.path.basename(path)}), '
+                 f'{m.keep_layers or num_layers} of {num_layers} layers')
+  return Pretrained(model=nnx.merge(graphdef, state, copy=True),   # own Variables
+                    tokenizer=data_lib.HFTokenizer(tokenizer, pad_id=pad_id),
+                    prompt_template=template, eos_id=eos_id, description=description)
+
+
+def _gguf(config, task_data):
+  del task_data   # the tokenizer is the model's own
+  return load_pretrained_decoder(config).model, task_of(config)
+
+
 def task_of(config) -> models.Task:
   """The training task of a config's model and data."""
-  if config.data.source == 'instructions':
+  if config.data.source in ('instructions', 'stdlib_instructions'):
     return models.causal_lm_task(loss_mask_key='loss_mask')
   if config.model.kind in ('minilm', 'encoder'):
     return models.classification_task()
@@ -110,7 +249,8 @@ def task_of(config) -> models.Task:
 
 
 MODELS = Registry('model.kind', {
-    'minilm': _minilm, 'encoder': _encoder, 'decoder': _decoder, 'mlp': _mlp})
+    'minilm': _minilm, 'encoder': _encoder, 'decoder': _decoder, 'mlp': _mlp,
+    'gguf': _gguf})
 
 
 # -------------------------------------------------------------------- peft

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from fedjax_fm import config as config_lib
 from fedjax_fm import data as data_lib
 from fedjax_fm.data import partition as partition_lib
 from fedjax_fm.hf import hub as hf_hub
+
 
 @dataclasses.dataclass
 class TaskData:
@@ -29,13 +31,17 @@ class TaskData:
   description: str = ''
   instructions: dict | None = None   # held-out instructions and references, if any
   client_test: Any = None            # per-client local test data (FederatedDataset)
-
+  prompt_template: Any = None        # instructions: a data.PromptTemplate (None: by name)
+  eos_id: int | None = None          # instructions: the id that ends a response
 
 
 # --------------------------------------------------------------------- data
 
 def _tokenizer(config, texts, workdir):
   d = config.data
+  if d.tokenizer == 'model':
+    from fedjax_fm.train import registries  # pylint: disable=g-import-not-at-top
+    return registries.load_pretrained_decoder(config).tokenizer
   if d.tokenizer == 'minilm':
     return data_lib.HFTokenizer.from_pretrained_dir(hf_hub.minilm_dir())
   if d.tokenizer == 'hf':
@@ -109,25 +115,69 @@ def load_raw(config) -> tuple[dict[str, np.ndarray], tuple[str, ...], str]:
   return arrays, names, desc
 
 
-def _instruction_data(config, workdir):
-  """Instruction tuning: prompts + responses, loss on the response tokens only."""
+def _load_instructions(config) -> tuple[dict[str, np.ndarray], str]:
+  """The instruction records of ``config.data`` and a description of them."""
   d = config.data
+  if d.source == 'stdlib_instructions':
+    ex = data_lib.load_stdlib_instructions(packages=tuple(d.packages) or None,
+                                           include_topics=d.stdlib_topics)
+    if d.max_examples:
+      ex = {k: v[:d.max_examples] for k, v in ex.items()}
+    packages = len(set(ex['category']))
+    desc = (f'descriptions of the Python {sys.version_info.major}.{sys.version_info.minor} '
+            f'standard library\'s functions ({len(ex["output"])} examples, {packages} '
+            f'top-level packages)')
+    return ex, desc
   path = d.path or str(data_lib.instructions.sample_path())
   ex = data_lib.load_instructions(path, max_examples=d.max_examples or None)
-  texts = data_lib.instructions.format_prompts(ex, d.instruction_template)
-  tokenizer = _tokenizer(config, [t + ' ' + o for t, o in zip(texts, ex['output'])], workdir)
-  enc = data_lib.tokenize_instructions(ex, tokenizer, d.max_len,
-                                       template=d.instruction_template)
+  return ex, f'instructions {path} ({len(ex["output"])} examples)'
+
+
+def _instruction_data(config, workdir):
+  """Instruction tuning: prompts + responses, loss on the response tokens only.
+
+  Returns (arrays, examples, tokenizer, template, eos_id, description). With
+  ``data.source="stdlib_instructions"`` the examples whose prompt and response
+  do not fit ``data.max_len`` tokens are dropped (they would train on a cut
+  response and be generated from a cut prompt).
+  """
+  d = config.data
+  ex, desc = _load_instructions(config)
+  template, eos_id = d.instruction_template, None
+  if d.tokenizer == 'model':
+    from fedjax_fm.train import registries  # pylint: disable=g-import-not-at-top
+    pretrained = registries.load_pretrained_decoder(config)
+    tokenizer, eos_id = pretrained.tokenizer, pretrained.eos_id
+    if d.instruction_template == 'chat':
+      if pretrained.prompt_template is None:
+        raise config_lib.ConfigError(
+            f'config.data.instruction_template="chat" is invalid: {pretrained.description} '
+            'has no chat template')
+      template = pretrained.prompt_template
+  else:
+    texts = data_lib.instructions.format_prompts(ex, template)
+    tokenizer = _tokenizer(config, [t + ' ' + o for t, o in zip(texts, ex['output'])],
+                           workdir)
+  width = d.max_len + (d.source == 'stdlib_instructions')
+  enc = data_lib.tokenize_instructions(ex, tokenizer, width, template=template, eos_id=eos_id)
+  if d.source == 'stdlib_instructions':
+    fits = enc['attention_mask'][:, -1] == 0
+    if not fits.any():
+      raise config_lib.ConfigError(
+          f'config.data.max_len={d.max_len} is invalid: no example fits it')
+    ex = {k: np.asarray(v)[fits] for k, v in ex.items()}
+    enc = {k: v[fits, :d.max_len] for k, v in enc.items()}
+    desc += f'; {int(fits.sum())} fit {d.max_len} tokens'
   arrays = {'input_ids': enc['input_ids'], 'attention_mask': enc['attention_mask'],
             'loss_mask': enc['loss_mask'], 'category': np.asarray(ex['category']).astype(str),
-            'row': np.arange(len(texts))}
-  return arrays, ex, tokenizer, f'instructions {path} ({len(texts)} examples)'
+            'row': np.arange(len(enc['input_ids']))}
+  return arrays, ex, tokenizer, template, eos_id, desc
 
 
 def build_task_data(config, workdir: str = '.') -> TaskData:
   """Loads, featurizes, splits off the held-out set and partitions the clients."""
   d = config.data
-  if d.source == 'instructions':
+  if d.source in config_lib.INSTRUCTION_SOURCES:
     return _build_instruction_task_data(config, workdir)
   arrays, names, desc = load_raw(config)
   if not arrays or len(next(iter(arrays.values()))) == 0:
@@ -213,26 +263,43 @@ def build_task_data(config, workdir: str = '.') -> TaskData:
 
 def _build_instruction_task_data(config, workdir) -> TaskData:
   d = config.data
-  arrays, examples, tokenizer, desc = _instruction_data(config, workdir)
+  arrays, examples, tokenizer, template, eos_id, desc = _instruction_data(config, workdir)
   n = len(arrays['row'])
   rng = np.random.default_rng(config.seed)
-  perm = rng.permutation(n)
-  n_eval = max(1, int(round(n * d.eval_fraction)))
-  eval_idx, train_idx = perm[:n_eval], np.sort(perm[n_eval:])   # eval in random order
+  if d.eval_split == 'clients':
+    # Whole clients held out: a seeded eval_fraction of the categories.
+    names = np.unique(arrays['category'])
+    n_eval = max(1, int(round(len(names) * d.eval_fraction)))
+    if len(names) - n_eval < config.fl.clients_per_round:
+      raise config_lib.ConfigError(
+          f'config.data.eval_fraction={d.eval_fraction} is invalid: holding out {n_eval} of '
+          f'{len(names)} clients leaves fewer than config.fl.clients_per_round='
+          f'{config.fl.clients_per_round} to train')
+    held = np.sort(rng.permutation(names)[:n_eval])
+    is_eval = np.isin(arrays['category'], held)
+    eval_idx = rng.permutation(np.flatnonzero(is_eval))      # random order across clients
+    train_idx = np.flatnonzero(~is_eval)
+    desc += f'; {n_eval} of {len(names)} clients held out ({", ".join(held)})'
+  else:
+    perm = rng.permutation(n)
+    n_eval = max(1, int(round(n * d.eval_fraction)))
+    eval_idx, train_idx = perm[:n_eval], np.sort(perm[n_eval:])   # eval in random order
   feats = ('input_ids', 'attention_mask', 'loss_mask')
   train_arrays = {k: arrays[k][train_idx] for k in feats}
   eval_arrays = {k: arrays[k][eval_idx] for k in feats}
   parts = data_lib.partition_instructions(
-      {'category': np.asarray(examples['category'])[train_idx]}, d.partition, num_clients=None if d.partition == 'natural' else d.num_clients,
+      {'category': np.asarray(examples['category'])[train_idx]}, d.partition,
+      num_clients=None if d.partition == 'natural' else d.num_clients,
       alpha=d.alpha, seed=config.seed, min_size=d.min_client_size)
   if len(parts) < config.fl.clients_per_round:
     raise config_lib.ConfigError(
         f'config.fl.clients_per_round={config.fl.clients_per_round} is invalid: the '
         f'{d.partition} partition has only {len(parts)} clients')
-  held_out = {k: np.asarray(examples[k])[eval_idx] for k in ('instruction', 'input', 'output')}
+  held_out = {k: np.asarray(examples[k])[eval_idx]
+              for k in ('instruction', 'input', 'output', 'category')}
   return TaskData(train=data_lib.FederatedDataset.from_partition(train_arrays, parts),
                   eval=eval_arrays, tokenizer=tokenizer, description=desc,
-                  instructions=held_out)
+                  instructions=held_out, prompt_template=template, eos_id=eos_id)
 
 
 def _require_labels(d):
