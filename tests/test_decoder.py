@@ -1,5 +1,7 @@
 """Tests for the Llama-style decoder against NumPy references."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -90,6 +92,103 @@ def np_decoder(params, ids, cfg, attention_mask=None):
   if cfg.tie_embeddings:
     return x @ params['embed']['embedding'].T
   return x @ params['lm_head']['kernel']
+
+
+def np_gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_norm(x, scale, eps, offset):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * (offset + scale)
+
+
+def np_partial_rope(x, positions, rope_dim, theta, factor=1.0):
+  """Rotates the first ``rope_dim`` dims of ``x [B, L, H, D]``."""
+  rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+  inv = 1.0 / theta ** (np.arange(0, rope_dim, 2, dtype=np.float64)
+                        / rope_dim) / factor
+  freqs = positions[:, None].astype(np.float64) * inv[None]
+  emb = np.concatenate([freqs, freqs], -1)
+  cos, sin = np.cos(emb)[None, :, None], np.sin(emb)[None, :, None]
+  half = rope_dim // 2
+  turned = np.concatenate([-rot[..., half:], rot[..., :half]], -1)
+  return np.concatenate([rot * cos + turned * sin, rest], -1)
+
+
+def np_general_decoder(p, ids, cfg, attention_mask):
+  """Every DecoderConfig switch, written out independently (float64)."""
+  b, l = ids.shape
+  h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  off, eps = cfg.norm_scale_offset, cfg.norm_eps
+  cap = lambda z, c: z if c is None else np.tanh(z / c) * c
+  lin = lambda z, q: z @ q['kernel'] + q.get('bias', 0.0)
+  x = p['embed']['embedding'][ids].astype(np.float64)
+  if cfg.embed_scale:
+    x = x * np.sqrt(cfg.dim)
+  pos = np.arange(l)
+  causal = pos[None, :] <= pos[:, None]
+  window = pos[None, :] > pos[:, None] - (cfg.sliding_window or 0)
+  for i in range(cfg.num_layers):
+    lp, a = p['layers'][i], p['layers'][i]['attn']
+    sliding = cfg.layer_is_sliding[i]
+    mask = (causal & window if sliding else causal)[None] & (
+        attention_mask.astype(bool)[:, None, :])
+    local = sliding and cfg.local_rope_theta is not None
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    factor = 1.0 if local or cfg.rope_scaling is None else (
+        cfg.rope_scaling.factor)
+    z = np_norm(x, lp['attn_norm']['scale'], eps, off)
+    q = lin(z, a['q_proj']).reshape(b, l, h, hd)
+    k = lin(z, a['k_proj']).reshape(b, l, kv, hd)
+    v = lin(z, a['v_proj']).reshape(b, l, kv, hd)
+    if cfg.qk_norm:
+      q = np_norm(q, a['q_norm']['scale'], eps, off)
+      k = np_norm(k, a['k_norm']['scale'], eps, off)
+    q = np_partial_rope(q, pos, cfg.rope_dim, theta, factor)
+    k = np_partial_rope(k, pos, cfg.rope_dim, theta, factor)
+    k, v = np.repeat(k, h // kv, axis=2), np.repeat(v, h // kv, axis=2)
+    scale = (cfg.query_pre_attn_scalar or hd) ** -0.5
+    scores = cap(np.einsum('bqhd,bkhd->bhqk', q, k) * scale,
+                 cfg.attn_logit_softcap)
+    scores = np.where(mask[:, None], scores, -1e30)
+    out = np.einsum('bhqk,bkhd->bqhd', np_softmax(scores), v)
+    z = lin(out.reshape(b, l, h * hd), a['o_proj'])
+    if cfg.post_norms:
+      z = np_norm(z, lp['post_attn_norm']['scale'], eps, off)
+    x = x + z
+    z = np_norm(x, lp['mlp_norm']['scale'], eps, off)
+    m = lp['mlp']
+    z = lin(np_gelu_tanh(lin(z, m['gate_proj'])) * lin(z, m['up_proj']),
+            m['down_proj'])
+    if cfg.post_norms:
+      z = np_norm(z, lp['post_mlp_norm']['scale'], eps, off)
+    x = x + z
+  x = np_norm(x, p['norm']['scale'], eps, off)
+  return cap(x @ p['embed']['embedding'].T, cfg.final_logit_softcap)
+
+
+# All switches on: GeGLU, (1 + w) norms, embedding scale, q/k norms, post
+# norms, query_pre_attn_scalar, both soft-caps, linear RoPE scaling, partial
+# rotary, explicit head size, a sliding window on layers 0 and 2 with their
+# own RoPE base, biases, tied embeddings.
+FEATURES = DecoderConfig(
+    vocab_size=37, dim=16, num_layers=3, num_heads=4, num_kv_heads=2,
+    mlp_dim=24, max_len=16, head_size=8, tie_embeddings=True,
+    attention_bias=True, attention_out_bias=True, mlp_bias=True,
+    mlp_activation='gelu_new', norm_scale_offset=1.0, embed_scale=True,
+    qk_norm=True, post_norms=True, query_pre_attn_scalar=6.0,
+    attn_logit_softcap=3.0, final_logit_softcap=4.0,
+    rope_scaling=dec.RopeScaling('linear', 2.0), partial_rotary_factor=0.5,
+    sliding_window=3, sliding_layers=(True, False, True),
+    local_rope_theta=100.0,
+)
+
+
+def _random_params(model, seed):
+  """Every parameter (biases, norm scales too) drawn at random."""
+  rng = np.random.default_rng(seed)
+  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    var.set_value(jnp.asarray(rng.normal(0, 0.3, var.shape), jnp.float32))
 
 
 def _randomize_norms(model, seed):
@@ -248,3 +347,58 @@ def test_dropout_only_with_rngs():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   c = model(ids, rngs=nnx.Rngs(dropout=1))
   assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-4
+
+
+def test_feature_switches_match_numpy():
+  model = Decoder(FEATURES, rngs=nnx.Rngs(5))
+  _random_params(model, 3)
+  params = _params(model)
+  assert set(params['layers'][0]) >= {'post_attn_norm', 'post_mlp_norm'}
+  assert set(params['layers'][0]['attn']) >= {'q_norm', 'k_norm'}
+  assert params['layers'][0]['attn']['q_proj']['kernel'].shape == (16, 32)
+  rng = np.random.default_rng(2)
+  ids = rng.integers(0, FEATURES.vocab_size, (2, 10))
+  mask = np.ones((2, 10), np.int32)
+  mask[1, :3] = 0  # left padding
+  got = np.asarray(nnx.jit(lambda m, i, k: m(i, k))(
+      model, jnp.asarray(ids), jnp.asarray(mask)))
+  want = np_general_decoder(params, ids, FEATURES, mask)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-4)
+  # The window and the local RoPE matter (the reference would notice).
+  plain = dataclasses.replace(FEATURES, sliding_window=None,
+                              sliding_layers=None)
+  assert np.abs(np_general_decoder(params, ids, plain, mask)[real]
+                - want[real]).max() > 1e-3
+
+
+def test_gemma_norm_starts_as_identity_scale():
+  norm = dec.RMSNorm(8, eps=1e-6, scale_offset=1.0)
+  np.testing.assert_array_equal(np.asarray(norm.scale[...]), 0.0)
+  x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))),
+                             np_rmsnorm(x, 1.0, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sliding_window_cache_matches_full_forward():
+  """Cached prefill + steps (the generation path) equal the full forward."""
+  model = Decoder(dataclasses.replace(FEATURES, max_len=14),
+                  rngs=nnx.Rngs(5))
+  _random_params(model, 4)
+  ids = np.random.default_rng(3).integers(0, FEATURES.vocab_size, (2, 12))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, ids):
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(2, 14)
+    outs = []
+    for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 12)):
+      out, cache = model(ids[:, lo:hi], cache=cache)
+      outs.append(out)
+    return model(ids), jnp.concatenate(outs, 1)
+
+  full, cached = run(state, jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(cached), np.asarray(full),
+                             rtol=1e-5, atol=1e-5)

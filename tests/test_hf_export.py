@@ -218,6 +218,22 @@ def test_export_keeps_original_config_fields(tmp_path):
     hf.export_hf_checkpoint(model, tmp_path, model_type='llama')
 
 
+def test_export_rewrites_stale_decoder_fields():
+  model = tiny_decoder(sliding_window=4)  # every layer: -> mistral
+  original = {'model_type': 'mistral', 'bos_token_id': 5, 'head_dim': 99,
+              'rope_scaling': {'rope_type': 'linear', 'factor': 2.0},
+              'layer_types': ['sliding_attention', 'full_attention'],
+              'partial_rotary_factor': 0.5}
+  config = hf.hf_config_for(model, original)
+  assert (config['model_type'], config['sliding_window']) == ('mistral', 4)
+  assert config['head_dim'] == 8
+  for stale in ('rope_scaling', 'layer_types', 'partial_rotary_factor'):
+    assert stale not in config
+  assert config['bos_token_id'] == 5 and config['eos_token_id'] is None
+  assert hf.decoder_config_from_hf(config) == model.config
+  assert hf.hf_config_for(model)['model_type'] == 'mistral'
+
+
 # --- transformers / peft load our exports ------------------------------------
 
 

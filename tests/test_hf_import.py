@@ -103,16 +103,18 @@ def test_decoder_config_from_hf_fields():
 
 
 @pytest.mark.parametrize('override, field', [
-    ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, 'rope_scaling'),
-    ({'rope_parameters': {'rope_type': 'linear', 'rope_theta': 1.0,
+    ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}},
+     'rope_scaling.low_freq_factor'),
+    ({'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 1.0,
                           'factor': 2.0}}, 'rope_parameters.rope_type'),
-    ({'model_type': 'mistral', 'sliding_window': 4096}, 'sliding_window'),
-    ({'model_type': 'qwen2', 'use_sliding_window': True},
-     'use_sliding_window'),
+    ({'model_type': 'mistral', 'sliding_window': 4096,
+      'layer_types': ['sliding_attention', 'full_attention']}, 'layer_types'),
+    ({'model_type': 'qwen2', 'use_sliding_window': False,
+      'layer_types': ['full_attention', 'sliding_attention']}, 'layer_types'),
     ({'layer_types': ['sliding_attention', 'full_attention']},
      'layer_types'),
-    ({'head_dim': 16}, 'head_dim'),
-    ({'hidden_act': 'gelu'}, 'hidden_act'),
+    ({'partial_rotary_factor': 0.5}, 'partial_rotary_factor'),
+    ({'hidden_act': 'relu2'}, 'hidden_act'),
     ({'quantization_config': {'quant_method': 'gptq'}},
      'quantization_config'),
 ])
@@ -267,10 +269,10 @@ def test_from_pretrained_errors(tmp_path):
     hf.from_pretrained(tmp_path, num_labels=3)
   with open(tmp_path / 'config.json') as f:
     config = json.load(f)
-  config['rope_scaling'] = {'rope_type': 'yarn', 'factor': 4.0}
+  config['rope_scaling'] = {'rope_type': 'longrope', 'factor': 4.0}
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump(config, f)
-  with pytest.raises(ValueError, match='rope_scaling'):
+  with pytest.raises(ValueError, match='rope_scaling.rope_type'):
     hf.from_pretrained(tmp_path)
   config['model_type'] = 't5'
   with open(tmp_path / 'config.json', 'w') as f:

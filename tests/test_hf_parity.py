@@ -134,6 +134,36 @@ def test_rope_is_hf_rotate_half():
                              atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize('params', [
+    {'rope_type': 'linear', 'factor': 3.0},
+    {'rope_type': 'dynamic', 'factor': 2.0},
+    {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+     'high_freq_factor': 4.0, 'original_max_position_embeddings': 16},
+    {'rope_type': 'yarn', 'factor': 4.0,
+     'original_max_position_embeddings': 16},
+    {'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 8,
+     'beta_fast': 8.0, 'beta_slow': 2.0, 'mscale': 0.7, 'mscale_all_dim': 0.5,
+     'truncate': False},
+])
+def test_rope_scaling_matches_transformers(params):
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=g-import-not-at-top
+
+  config = transformers.LlamaConfig(
+      hidden_size=64, num_attention_heads=2, max_position_embeddings=32,
+      rope_parameters={'rope_theta': 5e4, **params})
+  cfg = hf.decoder_config_from_hf(config.to_dict())
+  assert cfg.rope_scaling.rope_type == params['rope_type']
+  for seq_len in (20, 80):  # dynamic: within, then past 32 positions
+    want, scale = ROPE_INIT_FUNCTIONS[params['rope_type']](
+        config, 'cpu', seq_len=torch.tensor(seq_len))
+    ours = cfg.rope_scaling.inv_freq(cfg.rope_dim, cfg.rope_theta,
+                                     jnp.asarray(seq_len))
+    np.testing.assert_allclose(np.asarray(ours), want.numpy(), rtol=2e-6,
+                               atol=0)
+    np.testing.assert_allclose(cfg.rope_scaling.attention_scale(),
+                               float(scale), rtol=1e-6)
+
+
 def test_bert_hidden_states_and_mean_pool_match(tmp_path):
   torch.manual_seed(0)
   ref = transformers.BertModel(transformers.BertConfig(

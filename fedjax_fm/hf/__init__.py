@@ -26,10 +26,12 @@ from fedjax_fm.hf import hub
 from fedjax_fm.hf import load
 from fedjax_fm.hf import weights
 from fedjax_fm.hf.configs import FAMILIES
+from fedjax_fm.hf.configs import DECODER_TYPES
 from fedjax_fm.hf.configs import LLAMA_TYPES
 from fedjax_fm.hf.configs import MODEL_TYPES
 from fedjax_fm.hf.configs import decoder_config_from_hf
 from fedjax_fm.hf.configs import decoder_config_to_hf
+from fedjax_fm.hf.configs import decoder_model_type
 from fedjax_fm.hf.configs import encoder_config_from_hf
 from fedjax_fm.hf.configs import encoder_config_to_hf
 from fedjax_fm.hf.configs import family_of
@@ -58,6 +60,7 @@ from fedjax_fm.hf.load import load_gpt2
 from fedjax_fm.hf.load import load_llama
 from fedjax_fm.hf.load import load_minilm_encoder
 from fedjax_fm.hf.weights import WeightSlot
+from fedjax_fm.hf.weights import chunk_widths
 from fedjax_fm.hf.weights import hf_module_name
 from fedjax_fm.hf.weights import hf_weight_slots
 from fedjax_fm.hf.weights import load_bert_into
@@ -67,15 +70,18 @@ from fedjax_fm.hf.weights import load_llama_into
 from fedjax_fm.hf.weights import load_safetensors
 
 __all__ = [
+    'DECODER_TYPES',
     'FAMILIES',
     'HF_FAMILIES',
     'LLAMA_TYPES',
     'MODEL_TYPES',
     'PACKAGE_PREFIX',
     'WeightSlot',
+    'chunk_widths',
     'configs',
     'decoder_config_from_hf',
     'decoder_config_to_hf',
+    'decoder_model_type',
     'encoder_config_from_hf',
     'encoder_config_to_hf',
     'export',

@@ -1,7 +1,7 @@
 """Exporting fine-tuned models to Hugging Face formats.
 
-Two formats, for the Llama family (``llama``/``mistral``/``qwen2``), GPT-2
-and BERT:
+Two formats, for the decoder types (``llama``, ``mistral``, ``qwen2``,
+``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``, ``phi3``), GPT-2 and BERT:
 
 * :func:`export_lora_adapter` writes trained LoRA factors as a HF PEFT
   adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
@@ -13,9 +13,11 @@ and BERT:
 
   Our ``[in, r]``/``[r, out]`` factors are transposed; layers with another
   rank or alpha than the most common one go into ``rank_pattern`` /
-  ``alpha_pattern``. GPT-2's fused ``c_attn`` gets one adapter whose ``A``
-  stacks the q/k/v ``A`` factors and whose ``B`` is block diagonal, which
-  computes exactly the same update.
+  ``alpha_pattern``. A fused HF module (GPT-2's ``c_attn``, Phi-3's
+  ``qkv_proj`` and ``gate_up_proj``) gets one adapter whose ``A`` stacks the
+  ``A`` factors of our adapted parts (q/k/v, gate/up) and whose ``B`` is
+  block diagonal (zero rows for parts without LoRA), which computes exactly
+  the same update; the fused parts must share one ``alpha / rank``.
 * :func:`export_hf_checkpoint` writes the full weights (LoRA merged into the
   base kernels) with HF names and layouts plus ``config.json``, loadable with
   ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` (``AutoModel``
@@ -38,15 +40,19 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from fedjax_fm.hf.configs import DECODER_TYPES
 from fedjax_fm.hf.configs import decoder_config_to_hf
+from fedjax_fm.hf.configs import decoder_model_type
 from fedjax_fm.hf.configs import encoder_config_to_hf
 from fedjax_fm.hf.configs import family_of
 from fedjax_fm.hf.configs import family_of_model_type
 from fedjax_fm.hf.configs import gpt2_config_to_hf
 from fedjax_fm.hf.hub import load_hf_config
 from fedjax_fm.hf.weights import WeightSlot
+from fedjax_fm.hf.weights import chunk_widths
 from fedjax_fm.hf.weights import hf_module_name
 from fedjax_fm.hf.weights import hf_weight_slots
+from fedjax_fm.models.decoder import Decoder
 from fedjax_fm.peft.lora import LoRALinear
 from fedjax_fm.peft.surgery import dotted
 
@@ -59,11 +65,24 @@ __all__ = [
     'lora_adapter_state',
 ]
 
-HF_FAMILIES = ('llama', 'mistral', 'qwen2', 'gpt2', 'bert')
+# HF model types the exporters write.
+HF_FAMILIES = DECODER_TYPES + ('gpt2', 'bert')
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
-_TASK_TYPES = {'llama': 'CAUSAL_LM', 'gpt2': 'CAUSAL_LM',
+_TASK_TYPES = {'llama': 'CAUSAL_LM', 'gemma2': 'CAUSAL_LM',
+               'phi3': 'CAUSAL_LM', 'gpt2': 'CAUSAL_LM',
                'bert': 'FEATURE_EXTRACTION'}
+# Architecture fields of a decoder config.json that hf_config_for rewrites;
+# dropped from the original config first so none is left stale.
+_DECODER_FIELDS = (
+    'rope_scaling', 'rope_parameters', 'rope_theta', 'rope_local_base_freq',
+    'partial_rotary_factor', 'original_max_position_embeddings', 'head_dim',
+    'sliding_window', 'use_sliding_window', 'max_window_layers',
+    'layer_types', 'sliding_window_pattern', '_sliding_window_pattern',
+    'query_pre_attn_scalar', 'attn_logit_softcapping',
+    'final_logit_softcapping', 'hidden_act', 'hidden_activation',
+    'attention_bias', 'mlp_bias',
+)
 _DTYPE_NAMES = {'float32': 'float32', 'bfloat16': 'bfloat16',
                 'float16': 'float16', 'float64': 'float64'}
 
@@ -83,6 +102,11 @@ def _as_model(model_or_split: Any) -> nnx.Module:
 
 
 def _resolve_family(model: nnx.Module, hf_family: str | None) -> str:
+  """The weight family for ``model`` exported as HF ``hf_family``.
+
+  For a Decoder, ``hf_family`` (a model type) must express its config (see
+  :func:`~fedjax_fm.hf.configs.decoder_config_to_hf`).
+  """
   family = family_of(model)
   if hf_family is None:
     return family
@@ -90,6 +114,9 @@ def _resolve_family(model: nnx.Module, hf_family: str | None) -> str:
     raise ValueError(
         f'hf_family must be one of {HF_FAMILIES}, got {hf_family!r}'
     )
+  if isinstance(model, Decoder) and hf_family in DECODER_TYPES:
+    decoder_config_to_hf(model.config, hf_family)  # raises if it cannot
+    return family_of_model_type(hf_family)
   if family_of_model_type(hf_family) != family:
     raise ValueError(
         f'hf_family={hf_family!r} does not fit a {type(model).__name__} '
@@ -121,14 +148,16 @@ def hf_state_dict(
     model: a :class:`~fedjax_fm.models.Decoder`,
       :class:`~fedjax_fm.models.GPT2` or :class:`~fedjax_fm.models.Encoder`
       (classifier head excluded), possibly with LoRA applied.
-    family: weight family (``'llama'``, ``'gpt2'``, ``'bert'``); inferred by
-      default.
+    family: weight family (:data:`~fedjax_fm.hf.configs.FAMILIES`);
+      inferred by default.
 
   Returns:
     ``{hf_name: np.ndarray}`` in the parameter dtype.
   """
   groups = collections.defaultdict(list)
-  for slot in hf_weight_slots(model, family):
+  slots = hf_weight_slots(model, family)
+  chunk_widths(slots)  # raises if a fused tensor misses a part
+  for slot in slots:
     groups[slot.hf_key].append(slot)
   out = {}
   for key, slots in groups.items():
@@ -152,13 +181,9 @@ def hf_state_dict(
 
 
 def _default_model_type(model: nnx.Module) -> str:
-  family = family_of(model)
-  if family != 'llama':
-    return family
-  cfg = model.config
-  if cfg.attention_bias and not cfg.attention_out_bias and not cfg.mlp_bias:
-    return 'qwen2'
-  return 'llama'
+  if isinstance(model, Decoder):
+    return decoder_model_type(model.config)
+  return family_of(model)
 
 
 def hf_config_for(
@@ -173,9 +198,13 @@ def hf_config_for(
     model: one of our models.
     hf_config: the original HF config (dict, ``config.json`` path or model
       directory) whose other fields (token ids, ...) are kept; the
-      architecture fields are always rewritten from ``model.config``.
-    model_type: HF ``model_type``; default: ``hf_config``'s, else ``'llama'``
-      (``'qwen2'`` for q/k/v-only biases), ``'gpt2'`` or ``'bert'``.
+      architecture fields are always rewritten from ``model.config``. The
+      token ids of a decoder it does not give are written as ``None``.
+    model_type: HF ``model_type``; default: ``hf_config``'s, else for a
+      Decoder the plainest type that expresses it
+      (:func:`~fedjax_fm.hf.configs.decoder_model_type`: ``'llama'``,
+      ``'qwen2'`` for q/k/v-only biases, ``'gemma2'`` for Gemma2 norms, ...),
+      ``'gpt2'`` or ``'bert'``.
 
   Returns:
     The config dict.
@@ -191,14 +220,21 @@ def hf_config_for(
                 or _default_model_type(model))
   family = _resolve_family(model, model_type)
   cfg = model.config
-  if family == 'llama':
+  stale = ('rope_scaling', '_name_or_path')
+  if model_type in DECODER_TYPES:
     arch = decoder_config_to_hf(cfg, model_type)
+    stale += _DECODER_FIELDS
   elif family == 'gpt2':
     arch = gpt2_config_to_hf(cfg)
   else:
     arch = encoder_config_to_hf(cfg)
-  for stale in ('rope_scaling', '_name_or_path'):
-    base.pop(stale, None)
+  for key in stale:
+    base.pop(key, None)
+  if model_type in DECODER_TYPES:
+    # Without an original config, no special tokens: transformers' class
+    # defaults (e.g. Phi-3's pad id 32000) may not even fit the vocabulary.
+    for key in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+      base.setdefault(key, None)
   base.update(arch)
   dtype = _DTYPE_NAMES.get(np.dtype(cfg.param_dtype).name, 'float32')
   base['torch_dtype' if 'torch_dtype' in base else 'dtype'] = dtype
@@ -321,22 +357,25 @@ def lora_adapter_state(
   Raises:
     ValueError: if the model has no LoRA layer, LoRA sits on a module with no
       HF counterpart, dropout rates differ (PEFT has one ``lora_dropout``), or
-      the q/k/v LoRAs fused into GPT-2's ``c_attn`` have different
-      ``alpha / rank``.
+      the LoRAs fused into one HF module (GPT-2's ``c_attn``, Phi-3's
+      ``qkv_proj``/``gate_up_proj``) have different ``alpha / rank``.
   """
   family = family or family_of(model)
   modules = list(nnx.iter_modules(model))
   groups = collections.OrderedDict()
   all_linear = set()
+  widths = collections.defaultdict(dict)  # fused HF module -> part widths
   for path, module in modules:
     if not isinstance(module, nnx.Linear):
       continue
     try:
-      name, _, _ = hf_module_name(family, path)
+      name, _, chunk = hf_module_name(family, path)
     except ValueError:  # e.g. the inner layers of a bottleneck adapter
       continue
     if name is not None:
       all_linear.add(name)
+      if chunk is not None:
+        widths[name][chunk[0]] = module.out_features
   for path, module in modules:
     if not isinstance(module, LoRALinear):
       continue
@@ -369,13 +408,14 @@ def lora_adapter_state(
             f'alpha/rank differ ({scalings}); use one alpha/rank for them'
         )
       items = sorted(items, key=lambda it: it[0][0])
-      out_f = items[0][1].out_features
+      parts = [widths[name][i] for i in range(count)]
       rank = sum(m.rank for _, m, _ in items)
       a = np.concatenate([_numpy(m.lora_a).T for _, m, _ in items], axis=0)
-      b = np.zeros((count * out_f, rank), a.dtype)
+      b = np.zeros((sum(parts), rank), a.dtype)
       offset = 0
       for (index, _), m, _ in items:
-        b[index * out_f:(index + 1) * out_f, offset:offset + m.rank] = (
+        start = sum(parts[:index])
+        b[start:start + parts[index], offset:offset + m.rank] = (
             _numpy(m.lora_b).T)
         offset += m.rank
       alpha = items[0][1].scaling * rank
@@ -436,8 +476,10 @@ def export_lora_adapter(
       (e.g. with the trained ``trainable`` dict put back).
     out_dir: output directory (created if needed).
     base_model_name_or_path: recorded in ``adapter_config.json``.
-    hf_family: ``'llama'``, ``'mistral'``, ``'qwen2'``, ``'gpt2'`` or
-      ``'bert'``; checked against the model type, inferred by default.
+    hf_family: the HF ``model_type`` of the base model (one of
+      :data:`HF_FAMILIES`); checked against the model, inferred by default.
+      It must be given for ``'phi3'``, whose fused ``qkv_proj`` /
+      ``gate_up_proj`` the other decoder names do not use.
     task_type: PEFT task type; default ``'CAUSAL_LM'`` (``'FEATURE_EXTRACTION'``
       for BERT).
 

@@ -7,8 +7,9 @@ One entry point dispatches on ``model_type``::
   model, config = from_pretrained('Qwen/Qwen2-0.5B')          # hub (online)
 
 ``'bert'`` loads an :class:`~fedjax_fm.models.Encoder`, ``'gpt2'`` a
-:class:`~fedjax_fm.models.GPT2` and ``'llama'``/``'mistral'``/``'qwen2'`` a
-:class:`~fedjax_fm.models.Decoder`. The bundled sentence-transformers
+:class:`~fedjax_fm.models.GPT2` and the decoder types (``'llama'``,
+``'mistral'``, ``'qwen2'``, ``'qwen3'``, ``'gemma'``, ``'gemma2'``,
+``'gemma3_text'``, ``'phi3'``) a :class:`~fedjax_fm.models.Decoder`. The bundled sentence-transformers
 ``all-MiniLM-L6-v2`` comes with its tokenizer::
 
   model, tokenizer = load_minilm_encoder(num_labels=4)
@@ -24,10 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_fm.hf.configs import LLAMA_TYPES
+from fedjax_fm.hf.configs import DECODER_TYPES
 from fedjax_fm.hf.configs import MODEL_TYPES
 from fedjax_fm.hf.configs import decoder_config_from_hf
 from fedjax_fm.hf.configs import encoder_config_from_hf
+from fedjax_fm.hf.configs import family_of_model_type
 from fedjax_fm.hf.configs import gpt2_config_from_hf
 from fedjax_fm.hf.hub import load_hf_config
 from fedjax_fm.hf.hub import load_tokenizer
@@ -114,7 +116,10 @@ def load_llama(
     rngs_seed: int = 0,
     **overrides: Any,
 ) -> tuple[Decoder, DecoderConfig]:
-  """Loads a Llama/Mistral/Qwen2 checkpoint as a Decoder.
+  """Loads a decoder checkpoint as a Decoder.
+
+  Any ``model_type`` of :data:`~fedjax_fm.hf.configs.DECODER_TYPES`
+  (Llama, Mistral, Qwen2/3, Gemma 1/2/3 text, Phi-3).
 
   Args:
     name_or_path: see :func:`~fedjax_fm.hf.hub.resolve_model_dir`.
@@ -128,12 +133,13 @@ def load_llama(
     ``(model, config)``.
   """
   model_dir, config = _dir_and_config(name_or_path)
-  _expect_types(config, LLAMA_TYPES, 'load_llama')
+  _expect_types(config, DECODER_TYPES, 'load_llama')
   cfg = decoder_config_from_hf(
       config, dtype=dtype, param_dtype=param_dtype, **overrides)
+  family = family_of_model_type(config['model_type'])
   model = build_and_load(
       lambda: Decoder(cfg, rngs=nnx.Rngs(rngs_seed)),
-      lambda m: load_llama_into(m, model_dir))
+      lambda m: load_llama_into(m, model_dir, family))
   return model, cfg
 
 
@@ -228,7 +234,8 @@ def from_pretrained(
   """Loads a HF-format model, dispatching on ``model_type`` in config.json.
 
   ``'bert'`` -> Encoder (:func:`load_bert`), ``'gpt2'`` -> GPT2
-  (:func:`load_gpt2`), ``'llama'``/``'mistral'``/``'qwen2'`` -> Decoder
+  (:func:`load_gpt2`), the decoder types of
+  :data:`~fedjax_fm.hf.configs.DECODER_TYPES` -> Decoder
   (:func:`load_llama`).
 
   Args:

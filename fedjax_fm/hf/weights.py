@@ -32,6 +32,7 @@ from fedjax_fm.peft.surgery import dotted
 
 __all__ = [
     'WeightSlot',
+    'chunk_widths',
     'hf_module_name',
     'hf_weight_slots',
     'load_bert_into',
@@ -109,18 +110,57 @@ def _rules(*rows) -> tuple[_Rule, ...]:
 
 
 _L = r'layers\.(\d+)\.'
+# Names shared by the decoder families (HF ``*ForCausalLM``).
+_DECODER_COMMON = (
+    ('embed', 'model.embed_tokens', 'embed'),
+    ('norm', 'model.norm', 'norm'),
+    ('lm_head', 'lm_head', 'linear'),
+    (_L + 'attn_norm', 'model.layers.{0}.input_layernorm', 'norm'),
+    (_L + r'attn\.(q_norm|k_norm)', 'model.layers.{0}.self_attn.{1}', 'norm'),
+)
 _RULES = {
+    # llama, mistral, qwen2, qwen3, gemma.
     'llama': _rules(
-        ('embed', 'model.embed_tokens', 'embed'),
-        ('norm', 'model.norm', 'norm'),
-        ('lm_head', 'lm_head', 'linear'),
-        (_L + 'attn_norm', 'model.layers.{0}.input_layernorm', 'norm'),
+        *_DECODER_COMMON,
         (_L + 'mlp_norm', 'model.layers.{0}.post_attention_layernorm',
          'norm'),
         (_L + r'attn\.([qkvo]_proj)', 'model.layers.{0}.self_attn.{1}',
          'linear'),
         (_L + r'mlp\.(gate_proj|up_proj|down_proj)', 'model.layers.{0}.mlp.{1}',
          'linear'),
+    ),
+    # gemma2, gemma3_text: post_attention_layernorm normalizes the attention
+    # output; the MLP has its own pre and post norms.
+    'gemma2': _rules(
+        *_DECODER_COMMON,
+        (_L + 'post_attn_norm', 'model.layers.{0}.post_attention_layernorm',
+         'norm'),
+        (_L + 'mlp_norm', 'model.layers.{0}.pre_feedforward_layernorm',
+         'norm'),
+        (_L + 'post_mlp_norm', 'model.layers.{0}.post_feedforward_layernorm',
+         'norm'),
+        (_L + r'attn\.([qkvo]_proj)', 'model.layers.{0}.self_attn.{1}',
+         'linear'),
+        (_L + r'mlp\.(gate_proj|up_proj|down_proj)', 'model.layers.{0}.mlp.{1}',
+         'linear'),
+    ),
+    # phi3 fuses q/k/v (rows: q heads, then k, then v) and gate/up.
+    'phi3': _rules(
+        *_DECODER_COMMON,
+        (_L + 'mlp_norm', 'model.layers.{0}.post_attention_layernorm',
+         'norm'),
+        (_L + r'attn\.q_proj', 'model.layers.{0}.self_attn.qkv_proj', 'linear',
+         (0, 3)),
+        (_L + r'attn\.k_proj', 'model.layers.{0}.self_attn.qkv_proj', 'linear',
+         (1, 3)),
+        (_L + r'attn\.v_proj', 'model.layers.{0}.self_attn.qkv_proj', 'linear',
+         (2, 3)),
+        (_L + r'attn\.o_proj', 'model.layers.{0}.self_attn.o_proj', 'linear'),
+        (_L + r'mlp\.gate_proj', 'model.layers.{0}.mlp.gate_up_proj', 'linear',
+         (0, 2)),
+        (_L + r'mlp\.up_proj', 'model.layers.{0}.mlp.gate_up_proj', 'linear',
+         (1, 2)),
+        (_L + r'mlp\.down_proj', 'model.layers.{0}.mlp.down_proj', 'linear'),
     ),
     # HF GPT-2 uses Conv1D ([in, out] weights) and fuses q/k/v in c_attn.
     'gpt2': _rules(
@@ -195,7 +235,7 @@ def hf_module_name(
   """Translates one of our module paths to its HF module name.
 
   Args:
-    family: ``'llama'``, ``'gpt2'`` or ``'bert'``.
+    family: one of :data:`~fedjax_fm.hf.configs.FAMILIES`.
     module_path: dotted module path, e.g. ``'layers.0.attn.q_proj'``, or a
       path tuple as from ``nnx.iter_modules``; trailing ``base`` components
       (the inner layer of a wrapper such as ``LoRALinear``) are dropped.
@@ -205,7 +245,8 @@ def hf_module_name(
     has no HF counterpart, like our classifier head), ``kind`` in
     ``'linear'`` (torch ``[out, in]`` weight), ``'conv1d'`` (``[in, out]``),
     ``'embed'``, ``'norm'``, and ``chunk = (index, count)`` when HF fuses
-    ``count`` of our modules along the output axis (GPT-2 ``c_attn``).
+    ``count`` of our modules along the output axis (GPT-2 ``c_attn``, Phi-3
+    ``qkv_proj`` and ``gate_up_proj``).
 
   Raises:
     ValueError: if the path has no known translation.
@@ -231,8 +272,9 @@ class WeightSlot(NamedTuple):
     path: our dotted variable path, e.g. ``'layers.0.attn.q_proj.kernel'``.
     variable: the model's ``nnx.Variable``.
     transpose: whether the HF tensor is the transpose of ours.
-    chunk: ``(index, count)``: ours is chunk ``index`` of ``count`` equal
-      parts of the (transposed) HF tensor along its last axis; ``None`` if not
+    chunk: ``(index, count)``: ours is chunk ``index`` of the ``count``
+      parts of the (transposed) HF tensor along its last axis, each as wide
+      as the model weight it holds (:func:`chunk_widths`); ``None`` if not
       fused.
     lora: the :class:`~fedjax_fm.peft.LoRALinear` wrapping this kernel, or
       ``None``.
@@ -316,14 +358,53 @@ def hf_weight_slots(
   return slots
 
 
+def chunk_widths(slots) -> dict[str, list[int]]:
+  """Widths of the parts of each fused HF tensor, in chunk order.
+
+  A fused tensor (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``/``gate_up_proj``)
+  concatenates ``count`` of our weights along its (transposed) last axis;
+  their widths are those of our weights (unequal for Phi-3's q/k/v with
+  GQA).
+
+  Args:
+    slots: :class:`WeightSlot` list as from :func:`hf_weight_slots`.
+
+  Returns:
+    ``{hf_key: [width of chunk 0, width of chunk 1, ...]}`` for the fused
+    keys.
+
+  Raises:
+    ValueError: if a fused tensor misses one of its parts.
+  """
+  found: dict[str, dict[int, int]] = {}
+  counts = {}
+  for slot in slots:
+    if slot.chunk is not None:
+      index, count = slot.chunk
+      found.setdefault(slot.hf_key, {})[index] = int(slot.variable.shape[-1])
+      counts[slot.hf_key] = count
+  out = {}
+  for key, parts in found.items():
+    if sorted(parts) != list(range(counts[key])):
+      raise ValueError(
+          f'{key} fuses {counts[key]} weights, found {sorted(parts)}'
+      )
+    out[key] = [parts[i] for i in range(counts[key])]
+  return out
+
+
 # Checkpoint tensors that are not weights of ours (buffers, tied copies, the
 # pooler and task heads of BERT checkpoints).
+_ROTARY = r'(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq'
 _IGNORED = {
-    'llama': (r'(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq',),
+    'llama': (_ROTARY,),
+    'gemma2': (_ROTARY,),
+    'phi3': (_ROTARY,),
     'gpt2': (r'transformer\.h\.\d+\.attn\.(bias|masked_bias)',),
     'bert': (r'embeddings\.position_ids', r'(pooler|cls|classifier)\..*'),
 }
-_PREFIXES = {'llama': 'model.', 'gpt2': 'transformer.'}
+_PREFIXES = {'llama': 'model.', 'gemma2': 'model.', 'phi3': 'model.',
+             'gpt2': 'transformer.'}
 
 
 def _normalize_keys(tensors: dict[str, Any], family: str) -> dict[str, Any]:
@@ -351,7 +432,9 @@ def load_hf_weights(
   """Copies HF weights into ``model`` in place (strict).
 
   Torch ``[out, in]`` linear weights are transposed; GPT-2's fused
-  ``c_attn`` is split into ``q_proj``/``k_proj``/``v_proj``. Base-model
+  ``c_attn`` and Phi-3's ``qkv_proj`` are split into
+  ``q_proj``/``k_proj``/``v_proj``, Phi-3's ``gate_up_proj`` into
+  ``gate_proj``/``up_proj``. Base-model
   checkpoints without the ``model.``/``transformer.`` prefix (or with the
   ``bert.`` prefix of BERT task models), rotary ``inv_freq`` and GPT-2 mask
   buffers, BERT ``position_ids``/``pooler.*``/``cls.*``/``classifier.*``
@@ -396,18 +479,21 @@ def load_hf_weights(
         f'names): missing keys {missing[:10]}{more(missing)}, unexpected keys '
         f'{unexpected[:10]}{more(unexpected)}'
     )
+  widths = chunk_widths(slots)
   for slot in slots:
     value = np.asarray(tensors[slot.hf_key])
     if slot.transpose:
       value = value.T
     if slot.chunk is not None:
       index, count = slot.chunk
-      if value.shape[-1] % count:
+      parts = widths[slot.hf_key]
+      if value.shape[-1] != sum(parts):
         raise ValueError(
             f'{slot.hf_key} of shape {value.shape} cannot be split into '
-            f'{count} equal parts along its last axis'
+            f'{count} parts of widths {parts} along its last axis'
         )
-      value = np.split(value, count, axis=-1)[index]
+      start = sum(parts[:index])
+      value = value[..., start:start + parts[index]]
     if value.shape != tuple(slot.variable.shape):
       raise ValueError(
           f'shape mismatch for {slot.hf_key} -> {slot.path}: checkpoint '
@@ -417,12 +503,22 @@ def load_hf_weights(
   return sorted(wanted)
 
 
-def load_llama_into(model: Decoder, source) -> list[str]:
-  """Copies Llama/Mistral/Qwen2 weights into a Decoder in place.
+def load_llama_into(
+    model: Decoder, source, family: str | None = None
+) -> list[str]:
+  """Copies decoder weights (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3).
 
-  See :func:`load_hf_weights`.
+  Args:
+    model: the Decoder.
+    source: see :func:`load_hf_weights`.
+    family: weight family; default from the model (``'gemma2'`` with
+      ``post_norms``, else ``'llama'``). Phi-3 checkpoints need ``'phi3'``
+      (or :func:`~fedjax_fm.hf.configs.family_of_model_type`).
+
+  Returns:
+    The HF keys that were loaded, sorted.
   """
-  return load_hf_weights(model, source, 'llama')
+  return load_hf_weights(model, source, family)
 
 
 def load_gpt2_into(model: GPT2, source) -> list[str]:

@@ -8,6 +8,8 @@ from fedjax_fm.models import layers
 from fedjax_fm.models.decoder import Decoder
 from fedjax_fm.models.decoder import DecoderConfig
 from fedjax_fm.models.decoder import KVCache
+from fedjax_fm.models.decoder import ROPE_TYPES
+from fedjax_fm.models.decoder import RopeScaling
 from fedjax_fm.models.encoder import Encoder
 from fedjax_fm.models.encoder import EncoderConfig
 from fedjax_fm.models.gpt2 import GPT2
@@ -35,6 +37,8 @@ __all__ = [
     'Generation',
     'KVCache',
     'MLPClassifier',
+    'ROPE_TYPES',
+    'RopeScaling',
     'Task',
     'causal_lm_task',
     'classification_task',

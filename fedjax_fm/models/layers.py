@@ -2,7 +2,8 @@
 
 * :func:`linear`, :func:`embed` and :func:`layer_norm` build the ``nnx``
   layers of the models with their common initialisation;
-  :class:`RMSNorm` is the Llama-style norm.
+  :class:`RMSNorm` is the Llama-style norm (Gemma-style with
+  ``scale_offset=1``).
 * :func:`activation` maps an activation name to its function (one table for
   every model and adapter).
 * :func:`dropout` is inverted dropout driven by call-time ``rngs``.
@@ -155,16 +156,28 @@ def layer_norm(
 
 
 class RMSNorm(nnx.Module):
-  """``x / sqrt(mean(x**2) + eps) * scale``, computed in float32."""
+  """``x / sqrt(mean(x**2) + eps) * (scale_offset + scale)``, in float32.
+
+  ``scale_offset=0`` is the Llama norm (``scale`` starts at 1);
+  ``scale_offset=1`` is the Gemma norm, which stores ``scale`` as an offset
+  from 1 (``scale`` starts at 0).
+  """
 
   def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None,
-               param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+               param_dtype=jnp.float32, scale_offset: float = 0.0):
+    self.scale = nnx.Param(
+        jnp.full((dim,), 1.0 - scale_offset, param_dtype) if scale_offset
+        else jnp.ones((dim,), param_dtype)
+    )
     self.eps = eps
     self.dtype = dtype
+    self.scale_offset = float(scale_offset)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    if self.scale_offset:
+      scale = scale + self.scale_offset
+    return (y * scale).astype(dtype)
