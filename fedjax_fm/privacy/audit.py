@@ -19,6 +19,14 @@ The threshold is chosen on a calibration split of the trials and the rates are
 measured on the rest, so the confidence statement is not invalidated by the
 choice.
 
+`audit_round` runs the test through a real federated round
+(`fedjax_fm.engine.FederatedRound`): two neighbouring worlds differ in one
+client's data (the canary's in one, the client's own in the other), every trial
+runs the rounds with fresh randomness (trials vmapped over the state's key), and
+the score is the projection of the released params' change on the canary's
+noise-free direction. When the canary takes part in every round, the guarantee
+it is measured against is the accountant's without subsampling.
+
 References:
   * Jagielski, Ullman, Oprea 2020, "Auditing Differentially Private Machine
     Learning: How Private is Private SGD?", https://arxiv.org/abs/2006.07709
@@ -258,3 +266,134 @@ def audit_mechanism(key, mechanism: Callable, canary, num_trials: int,
   s_out = np.asarray(run(jax.random.split(k_out, num_trials), False))
   s_in = np.asarray(run(jax.random.split(k_in, num_trials), True))
   return empirical_epsilon(s_out, s_in, delta, **kwargs)
+
+
+# ------------------------------------------------------- through a federated round
+
+def released_vector(state) -> jax.Array:
+  """Everything a round's server state releases that carries the clients' updates.
+
+  The trainable params and the merged base update (``ServerState.base_delta``,
+  LoRA ``stack``), flattened into one float32 vector.
+  """
+  leaves = jax.tree.leaves((state.params, state.base_delta))
+  return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+
+
+def trial_runner(fed_round):
+  """``run(keys [B], state, frozen, rounds_data) -> [B, P]``: vmapped trials of a round.
+
+  Each trial starts from ``state`` with its key replaced (the key drives all the
+  round's randomness: local training, stochastic compression, the DP noise),
+  applies ``fed_round.apply_fn`` to each round's data in turn and returns its
+  released vector's change (`released_vector`). Jitted: one compile per batch
+  size and number of rounds.
+  """
+
+  def trial(key, state, frozen, rounds_data):
+    s = state._replace(key=key)
+    for data in rounds_data:
+      s, _ = fed_round.apply_fn(s, frozen, data)
+    return released_vector(s) - released_vector(state)
+
+  return jax.jit(jax.vmap(trial, in_axes=(0, None, None, None)))
+
+
+def round_trials(fed_round, state, frozen, rounds_data, keys, *,
+                 batch_size: int = 1024, runner=None,
+                 direction: Optional[np.ndarray] = None) -> np.ndarray:
+  """Runs ``len(rounds_data)`` rounds from ``state`` once per key, vectorised.
+
+  Args:
+    fed_round: a `fedjax_fm.engine.FederatedRound` (its un-jitted ``apply_fn``).
+    state: the server state the trials start from.
+    frozen: the frozen params.
+    rounds_data: one round's data per round (equal shapes).
+    keys: PRNG keys ``[T]``, one per trial.
+    batch_size: trials per vmapped call (the last batch is padded).
+    runner: a `trial_runner` of ``fed_round`` to reuse (its compiled program).
+    direction: if given (``[P]``), each trial is reduced to its projection on
+      this direction's unit vector (`canary_score`), batch by batch.
+
+  Returns:
+    float64 ``[T, P]``: each trial's released vector after the last round minus
+    the one before the first; ``[T]`` projections with ``direction``.
+  """
+  run = runner or trial_runner(fed_round)
+  rounds_data = tuple(jax.tree.map(jnp.asarray, d) for d in rounds_data)
+  unit = None
+  if direction is not None:
+    unit = np.asarray(direction, np.float64) / np.linalg.norm(direction)
+  out = []
+  for i in range(0, keys.shape[0], batch_size):
+    chunk = keys[i:i + batch_size]
+    real = chunk.shape[0]
+    if real < batch_size:
+      chunk = jnp.concatenate([chunk, jnp.repeat(chunk[:1], batch_size - real, axis=0)])
+    changes = np.asarray(run(chunk, state, frozen, rounds_data), np.float64)[:real]
+    out.append(changes if unit is None else changes @ unit)
+  return np.concatenate(out)
+
+
+class RoundAudit(NamedTuple):
+  """Outcome of `audit_round`.
+
+  Attributes:
+    result: the `AuditResult` of the canary scores.
+    direction: the score's direction: the pre-noise difference of the released
+      vector between the worlds with and without the canary (same seed in both,
+      so the noise cancels), computed from a key no trial uses.
+    scores_out: scores of the trials without the canary.
+    scores_in: scores of the trials with the canary.
+  """
+  result: AuditResult
+  direction: np.ndarray
+  scores_out: np.ndarray
+  scores_in: np.ndarray
+
+
+def audit_round(key, fed_round, state, frozen, rounds_out, rounds_in,
+                num_trials: int, delta: float, *, batch_size: int = 1024,
+                **kwargs) -> RoundAudit:
+  """Canary audit of a federated round (replace-one: one client's data differs).
+
+  ``rounds_out`` and ``rounds_in`` are the rounds' data of two neighbouring
+  worlds: the same clients, except that one client holds the canary's data in
+  ``rounds_in``. Each trial runs the rounds (`round_trials`) and is scored by the
+  projection of the released change on the canary's direction (the noise-free
+  difference between the worlds, measured once with a key outside the trials);
+  `empirical_epsilon` turns the scores into an epsilon lower bound.
+
+  Args:
+    key: PRNG key of the audit.
+    fed_round: the `FederatedRound` under audit.
+    state: its initial server state.
+    frozen: the frozen params.
+    rounds_out: per-round data without the canary.
+    rounds_in: per-round data with the canary.
+    num_trials: trials per world.
+    delta: the delta of the claimed guarantee.
+    batch_size: trials per vmapped call.
+    **kwargs: forwarded to `empirical_epsilon`.
+
+  Returns:
+    A `RoundAudit`.
+
+  Raises:
+    ValueError: if the two worlds release the same values (no canary signal).
+  """
+  if len(rounds_out) != len(rounds_in) or not rounds_in:
+    raise ValueError('rounds_out and rounds_in need the same, positive, number of rounds; '
+                     f'got {len(rounds_out)} and {len(rounds_in)}.')
+  k_dir, k_out, k_in = jax.random.split(key, 3)
+  kw = dict(batch_size=batch_size, runner=trial_runner(fed_round))
+  same = k_dir[None]   # one key for both worlds: the noise cancels in the difference
+  direction = (round_trials(fed_round, state, frozen, rounds_in, same, **kw)[0]
+               - round_trials(fed_round, state, frozen, rounds_out, same, **kw)[0])
+  if not np.linalg.norm(direction) > 0:
+    raise ValueError('the canary does not change what the round releases.')
+  s_out = round_trials(fed_round, state, frozen, rounds_out,
+                       jax.random.split(k_out, num_trials), direction=direction, **kw)
+  s_in = round_trials(fed_round, state, frozen, rounds_in,
+                      jax.random.split(k_in, num_trials), direction=direction, **kw)
+  return RoundAudit(empirical_epsilon(s_out, s_in, delta, **kwargs), direction, s_out, s_in)
