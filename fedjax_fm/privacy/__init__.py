@@ -31,6 +31,7 @@ from fedjax_fm.privacy import audit
 from fedjax_fm.privacy import clipping
 from fedjax_fm.privacy import distributed
 from fedjax_fm.privacy import dp_fedavg
+from fedjax_fm.privacy import membership
 from fedjax_fm.privacy import secure_agg
 
 # DP-FedAvg (McMahan et al. 2018): per-client clipping, Gaussian noise on the mean.
