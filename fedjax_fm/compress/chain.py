@@ -59,6 +59,8 @@ def _then(first: Compressor, second: Compressor) -> Compressor:
     return (state1, second.init(floats))
 
   def encode(key, tree, state):
+    if not jax.tree.leaves(state):   # stateless stages: the engine keeps no state for them
+      state = init(tree)
     key1, key2 = jax.random.split(key)
     payload1, state1 = first.encode(key1, tree, state[0])
     leaves, treedef = jax.tree.flatten(payload1)

@@ -208,17 +208,19 @@ def build_round(loss_fn: client_lib.LossFn,
   steps = [uplink_lib.clip(privacy)] if privacy is not None else []
   if distributed is None:
     steps.append(uplink_lib.compress(compressor))
-  if privacy is not None and compressor_given:
-    # A compressor may expand what it is given (stochastic rounding, error feedback
-    # adding back residuals): what is averaged is bounded again by the clip norm, so
-    # the sensitivity the accountant assumes holds for the decoded updates.
-    steps.append(uplink_lib.clip(privacy, name='clip_decoded', report=False))
   if attack is not None:
     steps.append(uplink_lib.attack(*attack))
+  if privacy is not None and distributed is None and (compressor_given or attack is not None):
+    # A compressor may expand what it is given (stochastic rounding, error feedback
+    # adding back residuals), and a simulated attacker scales or noises its update:
+    # what is averaged is bounded again by the clip norm, so the sensitivity the
+    # accountant assumes holds for what the server receives.
+    steps.append(uplink_lib.clip(privacy, name='clip_decoded', report=False))
   if distributed is not None:   # the noised integers are the payload (last step)
     steps.append(uplink_lib.distributed_encode(distributed))
   elif guard_nonfinite:
-    steps.append(uplink_lib.guard_nonfinite())
+    # Under DP a dropped client keeps its weight: the fixed denominator stays m.
+    steps.append(uplink_lib.guard_nonfinite(keep_weight=privacy is not None))
   uplink = uplink_lib.chain(*steps)
 
   client_factory = None if _is_transformation(client_optimizer) else client_optimizer

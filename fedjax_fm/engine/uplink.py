@@ -101,8 +101,14 @@ def attack(kind: str, scale: float) -> UplinkStep:
   return UplinkStep(_no_state, apply, 'attack')
 
 
-def guard_nonfinite() -> UplinkStep:
-  """Drops (weight 0, update zeroed) a client whose update has a NaN or an Inf.
+def guard_nonfinite(keep_weight: bool = False) -> UplinkStep:
+  """Drops a client whose update has a NaN or an Inf: update zeroed, weight 0.
+
+  Args:
+    keep_weight: keep the client's weight (its update still zeroed). Under DP
+      the mean divides by the expected number of clients and the noise is
+      calibrated to it: a weight of 0 would shrink the denominator and raise
+      every other client's sensitivity.
 
   Reports ``finite``.
   """
@@ -111,7 +117,9 @@ def guard_nonfinite() -> UplinkStep:
     del key, inputs
     finite = tree_util.tree_all_finite(update)
     update = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), update)
-    return update, jnp.where(finite, weight, 0.0), state, {'finite': finite}
+    if not keep_weight:
+      weight = jnp.where(finite, weight, 0.0)
+    return update, weight, state, {'finite': finite}
 
   return UplinkStep(_no_state, apply, 'guard_nonfinite')
 

@@ -58,8 +58,15 @@ def build_model(config, task_data: TaskData):
 def build_split(config, model) -> peft.Split:
   """The trainable/frozen split of the PEFT route (`registries.PEFT_METHODS`).
 
-  For ``slora`` this is its first stage (sparse fine-tuning).
+  For ``slora`` this is its first stage (sparse fine-tuning). With
+  ``model.base_quant`` the frozen projections are quantized first (QLoRA-style).
   """
+  m = config.model
+  if m.base_quant != 'none':
+    report = peft.quantize_base(model, m.base_quant, m.base_quant_block_size)
+    log(f'frozen base: {len(report.paths)} projections quantized to {m.base_quant} '
+        f'(blocks of {m.base_quant_block_size}), {report.frozen_bytes_before / 2**20:.1f} '
+        f'-> {report.frozen_bytes_after / 2**20:.1f} MiB')
   return registries.PEFT_METHODS[config.peft.method](config, model)
 
 
@@ -106,6 +113,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   else:   # a model that already carries its LoRA (SLoRA's second stage)
     task = registries.task_of(config)
     split = peft.split_model(model, 'lora', extra_trainable=tuple(p.extra_trainable))
+    if p.lora_aggregation == 'ffa':
+      split = peft.lora_aggregation.freeze_lora_a(split)
   loss_fn = models.make_loss_fn(split.graphdef, task)
   population = task_data.train.num_clients
 

@@ -233,12 +233,14 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       record.total_down += down
       cmask = np.asarray(m['client_mask'])
       line = {
-          'round': r + 1, 'train_loss': float(m['train_loss']), 'num_clients': n_clients,
-          'examples': int(m['examples']), 'uplink_bytes': up, 'downlink_bytes': down,
+          'round': r + 1, 'num_clients': n_clients, 'uplink_bytes': up,
+          'downlink_bytes': down,
           'cum_uplink_bytes': record.total_up, 'update_norm': float(m['update_norm']),
           'param_norm': float(m['param_norm']), 'round_time_s': round_s,
       }
-      if per_client_logged:
+      if per_client_logged:   # data-dependent, un-noised: not released under DP
+        line['train_loss'] = float(m['train_loss'])
+        line['examples'] = int(m['examples'])
         line['client_loss'] = [float(v) for v in np.asarray(m['client_loss'])[cmask]]
         line['client_update_norm'] = [float(v) for v in
                                       np.asarray(m['client_update_norm'])[cmask]]
@@ -253,9 +255,9 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       if accountant is not None:
         line['epsilon'] = accountant.step()
         line['clip_norm'] = float(m['clip_norm'])
-        if float(m.get('dp_rounding_fallbacks', 0)):   # distributed DP: zero updates sent
-          line['dp_rounding_fallbacks'] = int(m['dp_rounding_fallbacks'])
-      if int(m['nonfinite_clients']):
+        if per_client_logged and float(m.get('dp_rounding_fallbacks', 0)):
+          line['dp_rounding_fallbacks'] = int(m['dp_rounding_fallbacks'])   # zero updates sent
+      if per_client_logged and int(m['nonfinite_clients']):
         line['nonfinite_clients'] = int(m['nonfinite_clients'])
       if (r + 1) % cfg.eval.every == 0 or r + 1 == last:
         record.last_eval = exp.evaluate(state.params, fed.frozen_view(state, frozen))
@@ -265,10 +267,11 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       if writer is not None:
         logs.write_tensorboard(writer, line)
       ckpt.maybe_save(state, record.extras(), force=r + 1 == last)
-      if hasattr(bar, 'set_postfix'):
-        bar.set_postfix(loss=f'{line["train_loss"]:.4f}')
+      loss = f' loss={line["train_loss"]:.4f}' if 'train_loss' in line else ''
+      if hasattr(bar, 'set_postfix') and loss:
+        bar.set_postfix(loss=loss.split('=')[1])
       if (r + 1) % cfg.log_every == 0 or 'eval' in line:
-        msg = (f'round {r + 1}/{cfg.num_rounds} loss={line["train_loss"]:.4f} '
+        msg = (f'round {r + 1}/{cfg.num_rounds}{loss} '
                f'clients={n_clients} up={logs.fmt_bytes(up)} time={round_s:.3f}s')
         if 'epsilon' in line:
           msg += f' eps={line["epsilon"]:.3g}'
