@@ -53,6 +53,7 @@ __all__ = [
     'DecoderConfig',
     'Decoder',
     'KVCache',
+    'init_kv_cache',
     'MLP',
     'RMSNorm',
     'RopeScaling',
@@ -909,28 +910,39 @@ class Decoder(nnx.Module):
     Raises:
       ValueError: on a bad ``batch_size`` or ``max_length``.
     """
-    cfg = self.config
-    for name, value in (('batch_size', batch_size),
-                        ('max_length', max_length)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive int, got {value!r}')
-    prompt = self.prompt
-    nv = self.num_virtual_tokens
-    if not nv < max_length <= cfg.max_len:
-      raise ValueError(
-          f'max_length must be in ({nv}, max_len={cfg.max_len}] (the model '
-          f'has {nv} virtual tokens), got {max_length}'
-      )
-    dtype = cfg.dtype if dtype is None else dtype
-    shape = (len(self.layers), batch_size, max_length, cfg.num_kv_heads,
-             cfg.head_dim)
-    cache = KVCache(
-        jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-        jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32),
+    return init_kv_cache(self, batch_size, max_length, dtype=dtype)
+
+
+def init_kv_cache(model, batch_size: int, max_length: int, *, dtype: Any = None
+                  ) -> KVCache:
+  """The ``init_cache`` of the cached models (:class:`Decoder`, GPT-2).
+
+  ``model`` has ``config`` (``max_len``, ``num_kv_heads``, ``head_dim``,
+  ``dtype``), ``layers``, the ``prompt`` hook and ``_cached_forward``; see
+  :meth:`Decoder.init_cache`.
+  """
+  cfg = model.config
+  for name, value in (('batch_size', batch_size),
+                      ('max_length', max_length)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f'{name} must be a positive int, got {value!r}')
+  prompt = model.prompt
+  nv = model.num_virtual_tokens
+  if not nv < max_length <= cfg.max_len:
+    raise ValueError(
+        f'max_length must be in ({nv}, max_len={cfg.max_len}] (the model '
+        f'has {nv} virtual tokens), got {max_length}'
     )
-    if prompt is not None:
-      x = prompt(batch_size).astype(cfg.dtype)
-      _, cache = self._cached_forward(
-          x, jnp.ones((batch_size, nv), bool), jnp.arange(nv), cache, None
-      )
-    return cache
+  dtype = cfg.dtype if dtype is None else dtype
+  shape = (len(model.layers), batch_size, max_length, cfg.num_kv_heads,
+           cfg.head_dim)
+  cache = KVCache(
+      jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+      jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32),
+  )
+  if prompt is not None:
+    x = prompt(batch_size).astype(cfg.dtype)
+    _, cache = model._cached_forward(
+        x, jnp.ones((batch_size, nv), bool), jnp.arange(nv), cache, None
+    )
+  return cache

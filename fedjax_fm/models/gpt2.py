@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_fm.models.decoder import KVCache
+from fedjax_fm.models.decoder import init_kv_cache
 from fedjax_fm.models.layers import activation
 from fedjax_fm.models.layers import dropout
 from fedjax_fm.models.layers import embed
@@ -427,28 +428,4 @@ class GPT2(nnx.Module):
     Raises:
       ValueError: on a bad ``batch_size`` or ``max_length``.
     """
-    cfg = self.config
-    for name, value in (('batch_size', batch_size),
-                        ('max_length', max_length)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive int, got {value!r}')
-    prompt = self.prompt
-    nv = self.num_virtual_tokens
-    if not nv < max_length <= cfg.max_len:
-      raise ValueError(
-          f'max_length must be in ({nv}, max_len={cfg.max_len}] (the model '
-          f'has {nv} virtual tokens), got {max_length}'
-      )
-    dtype = cfg.dtype if dtype is None else dtype
-    shape = (len(self.layers), batch_size, max_length, cfg.num_heads,
-             cfg.head_dim)
-    cache = KVCache(
-        jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-        jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32),
-    )
-    if prompt is not None:
-      x = prompt(batch_size).astype(cfg.dtype)
-      _, cache = self._cached_forward(
-          x, jnp.ones((batch_size, nv), bool), jnp.arange(nv), cache, None
-      )
-    return cache
+    return init_kv_cache(self, batch_size, max_length, dtype=dtype)
