@@ -1,6 +1,7 @@
-"""Runs a federated experiment.
+r"""Runs a federated experiment.
 
   python -m experiments.main                       # the embedded default
+  python -m experiments.main --config=experiments/configs/mlp_synthetic.py:tiny --config_help
   python -m experiments.main --config=experiments/configs/mlp_synthetic.py:tiny \
       --workdir=/tmp/fl --config.num_rounds=3
   # compiled rounds are cached under ~/.cache/fedjax_fm/xla (--compilation_cache= to turn off)
@@ -21,13 +22,20 @@ from absl import logging
 from ml_collections import config_flags
 
 from fedjax_fm import config as config_lib
+from fedjax_fm import config_docs
 from fedjax_fm import sharding
 from fedjax_fm import train
+from fedjax_fm.train import baselines
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs', 'default.py')
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG, 'Experiment config file (path[:arg]).', lock_config=True)
+    'config', _DEFAULT_CONFIG,
+    'Experiment config file (path[:arg]); --config_help lists its fields.', lock_config=True)
+_CONFIG_HELP = flags.DEFINE_boolean(
+    'config_help', False,
+    'Print every field of --config (section.field, type, default, one-line doc), grouped '
+    'by section, and exit; fields are overridden as --config.SECTION.FIELD=VALUE.')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fedjax_fm/default',
                                'Directory for metrics.jsonl, summary.json and checkpoints.')
 _COORDINATOR = flags.DEFINE_string(
@@ -41,6 +49,12 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', os.path.join(os.path.expanduser('~'), '.cache', 'fedjax_fm', 'xla'),
     'Directory of JAX\'s persistent compilation cache: a rerun of the same program loads '
     'its compiled rounds instead of compiling them again. Empty: no cache.')
+_BASELINES = flags.DEFINE_list(
+    'baselines', [],
+    'Baselines run after the experiment, written beside its numbers in summary.json '
+    '("baselines"): majority (majority class overall and per client; classification), '
+    'centralised (one client holding all training data), iid (IID partition over the same '
+    'number of clients); e.g. --baselines=majority,centralised,iid.')
 _VERBOSE = flags.DEFINE_boolean(
     'verbose', False, 'Show the full traceback of a config, data or workdir error.')
 
@@ -97,6 +111,29 @@ def _unknown_override(argv) -> str | None:
   return None
 
 
+def config_help(config) -> str:
+  """Every field of ``config`` as ``section.field  type  default  doc``, grouped by section."""
+  sections: dict[str, list[tuple[str, str, str, str]]] = {}
+  for name in config_docs.field_names(config):
+    section, _, field = name.rpartition('.')
+    value = config[section][field] if section else config[field]
+    doc = config_docs.FIELD_DOCS.get(name, '(undocumented)')
+    sections.setdefault(section, []).append((name, type(value).__name__, repr(value), doc))
+  rows = [row for group in sections.values() for row in group]
+  width = [max(len(row[i]) for row in rows) for i in range(2)]
+  width.append(min(max(len(row[2]) for row in rows), 24))   # long defaults overflow
+  order = [''] + [s for s in config_lib.SECTIONS if s in sections]
+  order += sorted(s for s in sections if s not in order)
+  lines = ['Config fields (override as --config.SECTION.FIELD=VALUE):']
+  for section in order:
+    if section not in sections:
+      continue
+    lines += ['', f'[{section or "top level"}]']
+    lines += [f'  {n:<{width[0]}}  {t:<{width[1]}}  {v:<{width[2]}}  {d}'
+              for n, t, v, d in sections[section]]
+  return '\n'.join(lines)
+
+
 def parse_flags(argv):
   """absl's flag parsing, with a misspelled config override as a short error (status 2)."""
   try:
@@ -138,12 +175,18 @@ def enable_compilation_cache(directory: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG_HELP.value:
+    print(config_help(_CONFIG.value))
+    return
   logging.set_verbosity(logging.WARNING)
   enable_compilation_cache(_COMPILATION_CACHE.value)
   check_workdir(_WORKDIR.value)
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
+    kinds = baselines.check_kinds(_BASELINES.value)
     train.run(_CONFIG.value, _WORKDIR.value)
+    if kinds:
+      baselines.write_baselines(_CONFIG.value, _WORKDIR.value, kinds)
   except (config_lib.ConfigError, ValueError, OSError) as e:
     # Config and data errors (and OS errors on data files): one message, no traceback.
     if _VERBOSE.value:

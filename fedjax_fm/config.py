@@ -18,10 +18,12 @@ DATA_SOURCES = ('stdlib_docs', 'synthetic', 'tfds', 'jsonl', 'csv', 'text', 'ins
 # Sources of instruction/response pairs (trained with the loss on the response only).
 INSTRUCTION_SOURCES = ('instructions', 'stdlib_instructions')
 TASKS = ('classification', 'causal_lm')
-TOKENIZERS = ('minilm', 'sentencepiece', 'hf', 'model')   # model: the pretrained model's own
+TOKENIZERS = ('minilm', 'sentencepiece', 'hf', 'model',   # model: the pretrained model's own
+              'char')                                      # char: one token per character
 DECODER_KINDS = ('decoder', 'gguf')      # causal LMs: the Llama-style Decoder
 INSTRUCTION_TEMPLATES = ('alpaca', 'short', 'chat')      # chat: the model's chat template
-EVAL_SPLITS = ('examples', 'clients')
+EVAL_SPLITS = ('examples', 'clients', 'group')   # the held-out split (data.eval_split)
+EM_NORMALIZATIONS = ('squad', 'strip', 'none')   # exact match's normalisation
 SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval',
             'checkpoint', 'privacy', 'aggregator', 'attack', 'compress', 'prune')
 ATTACKS = ('none', 'sign_flip', 'scale', 'noise', 'nan')
@@ -58,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       dtype='float32',          # compute dtype of the model (bfloat16: mixed precision;
                                 # params, client updates and aggregation stay float32)
+      scan_layers=True,         # transformers: one lax.scan over same-structure layers
+      remat='none',             # transformers: recompute per layer: none | layer | dots
   ))
   c.peft = ml_collections.ConfigDict(dict(
       method='lora', rank=8, alpha=16.0, dropout=0.0,
@@ -77,21 +81,35 @@ def base_config() -> ml_collections.ConfigDict:
       name='', split='train', path='',
       text_key='text', label_key='label', client_key='',
       # minilm | sentencepiece (trained on the data) | hf (tokenizer_path) | model (the
-      # pretrained model's own tokenizer: model.kind="gguf")
+      # pretrained model's own tokenizer: model.kind="gguf") | char (one token per
+      # character of the training rows; tokenizer_path: a saved char vocabulary .json)
       tokenizer='minilm', tokenizer_path='', vocab_size=512,
+      character_coverage=1.0,   # sentencepiece: share of characters kept, in [0.98, 1]
+      byte_fallback=False,      # sentencepiece: 256 byte pieces for characters left out
       max_len=64, max_examples=0,
       num_clients=100, partition='dirichlet', alpha=0.5, labels_per_client=2,
       sigma=1.0, min_client_size=1,
       eval_fraction=0.2,
-      # examples: hold out a random eval_fraction of the examples; clients (instruction
-      # sources, natural partition): hold out whole clients, an eval_fraction of them
+      # examples: hold out a random eval_fraction of the examples; clients: hold out whole
+      # clients (values of the client field: the natural partition's, or data.client_key),
+      # an eval_fraction of them; group: hold out every example whose eval_group_key field
+      # is one of eval_group_values (empty: a random eval_fraction of the field's values)
       eval_split='examples',
+      # a record field that groups the examples (e.g. year, domain); held-out metrics are
+      # also reported per group. eval_group_values: the groups eval_split="group" holds out
+      eval_group_key='', eval_group_values=(),
       # instructions (Alpaca / Dolly JSONL; empty path: the bundled sample) and
       # stdlib_instructions (describe the standard library's functions; one client per
       # top-level package). instruction_template "chat": the model's chat template.
       instruction_template='alpaca', generate_max_tokens=16, generate_examples=32,
+      input_key='', target_key='',   # instructions: record fields of the input and target
+                                     # (both or neither; '': the Alpaca/Dolly schema)
+      prompt_template='',       # instructions: e.g. "{input} ->" (any record field by
+                                # name; '': instruction_template)
       packages=(),              # stdlib_instructions: top-level packages (empty: all)
       stdlib_topics=False,      # stdlib_instructions: add the pydoc_data.topics questions
+      shuffle=True,             # reshuffle each client's examples every epoch (False: stored order)
+      prefetch=2,               # rounds of data built ahead in a background thread (0: off)
       # synthetic classification
       num_examples=4000, num_features=16, num_classes=4,
   ))
@@ -110,8 +128,11 @@ def base_config() -> ml_collections.ConfigDict:
   # federated_test_fraction > 0: each client keeps that fraction of its data as a local
   # test set; the final evaluation reports the distribution over clients (mean, 10th
   # percentile, worst). personalize_steps > 0: then k local fine-tuning steps per client.
+  # em_normalize: exact match compares after squad normalisation (lowercase, no
+  # punctuation, no articles a/an/the) | strip (outer whitespace) | none (as generated).
   c.eval = ml_collections.ConfigDict(dict(every=10, batch_size=64, max_examples=0,
-                                          federated_test_fraction=0.0, personalize_steps=0))
+                                          federated_test_fraction=0.0, personalize_steps=0,
+                                          em_normalize='squad'))
   # Orbax checkpoints under workdir/checkpoints every N rounds (0: only at the end);
   # rerunning with the same workdir resumes from the latest.
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
@@ -193,6 +214,50 @@ def _float_range(c, field: str, lo=None, hi=None, lo_open=False, hi_open=False):
     raise _err(field, value, f'must be {">" if lo_open else ">="} {lo}')
   if hi is not None and (value >= hi if hi_open else value > hi):
     raise _err(field, value, f'must be {"<" if hi_open else "<="} {hi}')
+
+
+def _validate_own_data(c) -> None:
+  """data.input_key / target_key / prompt_template and the tokenizer's options."""
+  d = c.data
+  for field in ('client_key', 'input_key', 'target_key', 'prompt_template'):
+    if not isinstance(d[field], str):
+      raise _err(f'data.{field}', d[field], 'must be a string')
+  if bool(d.input_key) != bool(d.target_key):
+    field = 'input_key' if not d.input_key else 'target_key'
+    raise _err(f'data.{field}', d[field], 'data.input_key and data.target_key are set '
+               'together: both record field names, or both empty (the Alpaca/Dolly schema)')
+  if d.input_key and d.input_key == d.target_key:
+    raise _err('data.target_key', d.target_key, 'must differ from config.data.input_key')
+  if d.input_key and d.source != 'instructions':
+    raise _err('data.input_key', d.input_key, 'is read with data.source="instructions" (a '
+               'JSONL file of records)')
+  if d.prompt_template and d.source not in INSTRUCTION_SOURCES:
+    raise _err('data.prompt_template', d.prompt_template, f'is read with data.source in '
+               f'{INSTRUCTION_SOURCES} (records of prompts and targets)')
+  if d.prompt_template:
+    from fedjax_fm.data import instructions  # pylint: disable=g-import-not-at-top
+    try:
+      names = instructions.template_fields(d.prompt_template)
+    except ValueError as e:
+      raise _err('data.prompt_template', d.prompt_template, str(e)) from None
+    if not names:
+      raise _err('data.prompt_template', d.prompt_template,
+                 'names no record field; write e.g. "{input} ->"')
+    targets = {'output', d.target_key} if d.target_key else {'output', 'response'}
+    leak = sorted(targets & set(names))
+    if leak:
+      raise _err('data.prompt_template', d.prompt_template,
+                 f'names the target {{{leak[0]}}}: the prompt is what the model reads '
+                 'before the response')
+    if d.instruction_template == 'chat':
+      raise _err('data.prompt_template', d.prompt_template,
+                 'set it or data.instruction_template="chat", not both')
+  cov = d.character_coverage
+  if isinstance(cov, bool) or not isinstance(cov, (int, float)) or not 0.98 <= cov <= 1.0:
+    raise _err('data.character_coverage', cov, 'must be a number in [0.98, 1.0], the range '
+               'SentencePiece accepts (1.0: every character of the training rows gets a piece)')
+  if not isinstance(d.byte_fallback, bool):
+    raise _err('data.byte_fallback', d.byte_fallback, 'must be True or False')
 
 
 PRIVACY_MECHANISMS = ('gaussian', 'skellam')
@@ -296,6 +361,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _one_of(c, 'model.pooling', ('mean', 'cls'))
   _one_of(c, 'model.dtype', ('float32', 'bfloat16'))
   _float_range(c, 'model.dropout', 0.0, 1.0, hi_open=True)
+  if not isinstance(c.model.scan_layers, bool):
+    raise _err('model.scan_layers', c.model.scan_layers, 'must be True or False')
+  _one_of(c, 'model.remat', ('none', 'layer', 'dots'))   # models.scan.REMAT_POLICIES
 
   # peft
   _one_of(c, 'peft.method', reg.PEFT_METHODS.names)
@@ -361,13 +429,27 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise _err('data.instruction_template', 'chat', 'the chat template comes with the '
                'pretrained model: config.model.kind="gguf" and data.tokenizer="model"')
   _one_of(c, 'data.eval_split', EVAL_SPLITS)
-  if d.eval_split == 'clients':
-    if d.source not in INSTRUCTION_SOURCES:
-      raise _err('data.eval_split', 'clients', f'holding out whole clients is supported for '
-                 f'data.source in {INSTRUCTION_SOURCES}')
-    if d.partition != 'natural':
-      raise _err('data.eval_split', 'clients', 'whole clients are held out of the natural '
-                 'partition: use data.partition="natural"')
+  for field in ('eval_group_key',):
+    if not isinstance(d[field], str):
+      raise _err(f'data.{field}', d[field], 'must be a string (a record field name)')
+  if (isinstance(d.eval_group_values, str) or not isinstance(d.eval_group_values, Sequence)
+      or any(isinstance(v, bool) or not isinstance(v, (str, int))
+             for v in d.eval_group_values)):
+    raise _err('data.eval_group_values', d.eval_group_values,
+               'must be a tuple of field values (str or int; empty: a random eval_fraction '
+               'of the groups)')
+  if d.eval_split in ('clients', 'group') and d.source == 'synthetic':
+    raise _err('data.eval_split', d.eval_split, 'the synthetic source has no client or group '
+               'field: use data.eval_split="examples"')
+  if d.eval_split == 'clients' and d.partition != 'natural' and not d.client_key:
+    raise _err('data.eval_split', 'clients', 'whole clients are values of the client field: '
+               'use data.partition="natural", or name the field in data.client_key')
+  if d.eval_split == 'group' and not d.eval_group_key:
+    raise _err('data.eval_group_key', d.eval_group_key, 'data.eval_split="group" holds out '
+               'groups of this record field: name it')
+  if tuple(d.eval_group_values) and d.eval_split != 'group':
+    raise _err('data.eval_group_values', tuple(d.eval_group_values),
+               'is read only with data.eval_split="group"')
   if (isinstance(d.packages, str)
       or any(not isinstance(p, str) or not p.isidentifier() for p in d.packages)):
     raise _err('data.packages', d.packages, 'must be a tuple of top-level standard library '
@@ -389,6 +471,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.model.kind == 'mlp' and d.source not in ('synthetic', 'tfds'):
     raise _err('model.kind', 'mlp', 'the MLP needs numeric features: data.source in '
                '("synthetic", "tfds")')
+  _validate_own_data(c)
   _int_range(c, 'data.max_len', 2, 512)
   _int_range(c, 'data.max_examples', 0)
   _int_range(c, 'data.vocab_size', 16)
@@ -401,6 +484,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _int_range(c, 'data.num_examples', 2)
   _int_range(c, 'data.num_features', 1)
   _int_range(c, 'data.num_classes', 2)
+  if not isinstance(d.shuffle, bool):   # round batches: shuffled, or in stored order
+    raise _err('data.shuffle', d.shuffle, 'must be True or False')
+  _int_range(c, 'data.prefetch', 0)
   if d.source == 'synthetic' and d.num_clients > d.num_examples:
     raise _err('data.num_clients', d.num_clients,
                f'must be <= config.data.num_examples={d.num_examples}')
@@ -445,6 +531,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _int_range(c, 'eval.max_examples', 0)
   _float_range(c, 'eval.federated_test_fraction', 0.0, 1.0, hi_open=True)
   _int_range(c, 'eval.personalize_steps', 0)
+  _one_of(c, 'eval.em_normalize', EM_NORMALIZATIONS)
   if c.eval.personalize_steps and not c.eval.federated_test_fraction:
     raise _err('eval.personalize_steps', c.eval.personalize_steps,
                'personalisation is scored on local test data: set '

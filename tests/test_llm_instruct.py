@@ -317,7 +317,7 @@ def test_whole_clients_are_held_out(tmp_path):
   c = config_lib.base_config()
   c.model.kind = 'decoder'
   c.data.source, c.data.task = 'stdlib_instructions', 'causal_lm'
-  c.data.tokenizer, c.data.vocab_size = 'sentencepiece', 300
+  c.data.tokenizer, c.data.vocab_size, c.data.byte_fallback = 'sentencepiece', 400, True
   c.data.instruction_template, c.data.max_len = 'short', 160
   c.data.packages = ('base64', 'csv', 'glob', 'heapq', 'json', 'shlex', 'textwrap')
   c.data.partition, c.data.eval_split, c.data.eval_fraction = 'natural', 'clients', 0.3
@@ -420,7 +420,7 @@ def test_tiny_job_end_to_end_through_the_binary(tmp_path, tiny_pretrained):
   with open(workdir / 'summary.json') as f:
     summary = json.load(f)
   for key in ('generation', 'generation_before'):
-    assert set(summary[key]) == {'rouge_l', 'exact_match', 'token_f1'}
+    assert set(summary[key]) == {'rouge_l', 'exact_match', 'token_f1', 'cer', 'ter'}
     assert all(0.0 <= v <= 1.0 for v in summary[key].values())
   assert summary['before']['loss'] > 0 and summary['after']['loss'] > 0
   assert summary['rounds'] == c.num_rounds

@@ -15,6 +15,7 @@ from fedjax_fm.data.instructions import format_prompts
 from fedjax_fm.data.instructions import load_instructions
 from fedjax_fm.data.instructions import partition_instructions
 from fedjax_fm.data.instructions import sample_path
+from fedjax_fm.data.instructions import template_fields
 from fedjax_fm.data.instructions import tokenize_instructions
 from fedjax_fm.data.instructions import tokenize_prompts
 from fedjax_fm.data.sources import load_csv
@@ -26,7 +27,9 @@ from fedjax_fm.data.stdlib_docs import build_stdlib_docstrings
 from fedjax_fm.data.stdlib_docs import load_stdlib_docstrings
 from fedjax_fm.data.stdlib_instructions import build_stdlib_instructions
 from fedjax_fm.data.stdlib_instructions import load_stdlib_instructions
+from fedjax_fm.data.tokenizers import CharTokenizer
 from fedjax_fm.data.tokenizers import HFTokenizer
 from fedjax_fm.data.tokenizers import SentencePieceTokenizer
 from fedjax_fm.data.tokenizers import Tokenizer
 from fedjax_fm.data.tokenizers import pad_sequences
+from fedjax_fm.data.tokenizers import sentencepiece_min_vocab

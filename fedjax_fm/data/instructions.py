@@ -22,6 +22,14 @@ non-IID clients: one per category (natural), or Dirichlet over categories::
   clients = partition_instructions(ex, 'dirichlet', num_clients=8, alpha=0.3)
   data = FederatedDataset.from_partition(arrays, clients)
 
+Other record layouts name their fields: ``load_instructions(path,
+input_key='word', target_key='phonemes', keep=('letter',))`` reads
+``{"word": ..., "phonemes": ..., "letter": ...}`` records (``input`` is the
+word, ``output`` the phonemes, ``letter`` kept under its own name), a
+:class:`PromptTemplate` may be one format string with any of those fields
+(``PromptTemplate('{input} ->')``), and ``partition_instructions(ex,
+'natural', key='letter')`` makes one client per letter.
+
 The bundled ``samples/dolly_sample.jsonl`` holds 60 short, synthetic
 instruction/response pairs (written for this package) in five categories:
 arithmetic, capitals, antonyms, plurals, unit_conversion.
@@ -46,6 +54,7 @@ from fedjax_fm.data.tokenizers import pad_sequences
 __all__ = [
     'ALPACA_TEMPLATE',
     'FIELDS',
+    'MissingFieldError',
     'PARTITIONS',
     'PromptTemplate',
     'SCHEMAS',
@@ -57,6 +66,7 @@ __all__ = [
     'load_instructions',
     'partition_instructions',
     'sample_path',
+    'template_fields',
     'tokenize_instructions',
     'tokenize_prompts',
 ]
@@ -148,13 +158,41 @@ def _object_array(values: Sequence[str]) -> np.ndarray:
   return out
 
 
+class MissingFieldError(ValueError):
+  """A field asked for is in no record.
+
+  Attributes:
+    field: the field asked for.
+    available: the fields the records have (sorted).
+  """
+
+  def __init__(self, message: str, *, field: str, available: Sequence[str]):
+    super().__init__(message)
+    self.field = field
+    self.available = tuple(available)
+
+
+def _scalar_str(value: Any) -> str | None:
+  """A string, number or bool as str (1.0 -> '1'); None for anything else."""
+  if isinstance(value, str):
+    return value
+  if not isinstance(value, (int, float)):
+    return None
+  if isinstance(value, float) and value.is_integer():
+    return str(int(value))
+  return str(value)
+
+
 def load_instructions(
     path: PathLike,
     schema: str = 'auto',
     *,
     max_examples: int | None = None,
+    input_key: str | None = None,
+    target_key: str | None = None,
+    keep: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-  """Loads Alpaca- or Dolly-style instruction data.
+  """Loads Alpaca- or Dolly-style instruction data, or records of any fields.
 
   Reads JSON Lines (one object per line) or a JSON list of objects (like the
   original ``alpaca_data.json``).
@@ -164,16 +202,28 @@ def load_instructions(
     schema: ``'alpaca'`` (instruction, input, output), ``'dolly'``
       (instruction, context, response, category) or ``'auto'`` (Dolly if the
       first record has ``response``, else Alpaca if it has ``output``).
+      Unused with ``input_key`` / ``target_key``.
     max_examples: keep at most this many (leading) records.
+    input_key: with ``target_key``: the record field read as ``input`` (the
+      records' own ``instruction``, if any and not the input, stays the
+      instruction; else it is ``''``).
+    target_key: with ``input_key``: the record field read as ``output``.
+    keep: more record fields to return under their own names (e.g. a client
+      key, or fields a template names); names in :data:`FIELDS` are the
+      normalised ones.
 
   Returns:
     ``{'instruction', 'input', 'output', 'category'}`` object arrays of str
-    (missing optional fields become ``''``, a missing category ``'none'``).
+    (missing optional fields become ``''``, a missing category ``'none'``),
+    and one per name in ``keep``.
 
   Raises:
     FileNotFoundError: if ``path`` does not exist.
+    MissingFieldError: if ``input_key``, ``target_key`` or a name in
+      ``keep`` is in no record.
     ValueError: on a bad schema, malformed records, missing required fields
-      or non-string values (with the record's line number).
+      or non-string values (with the record's line number; the fields named
+      by ``input_key``, ``target_key`` and ``keep`` may also be numbers).
   """
   if schema not in SCHEMAS:
     raise ValueError(f'schema must be one of {SCHEMAS}, got {schema!r}')
@@ -182,42 +232,83 @@ def load_instructions(
       not isinstance(max_examples, (int, np.integer)) or max_examples < 1):
     raise ValueError(
         f'max_examples must be None or an int >= 1, got {max_examples!r}')
+  if bool(input_key) != bool(target_key):
+    raise ValueError(
+        'input_key and target_key are given together, got '
+        f'input_key={input_key!r}, target_key={target_key!r}')
+  if isinstance(keep, str):
+    keep = (keep,)
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'No such file: {str(path)!r}.')
   records = _read_records(path)
   if max_examples is not None:
     records = records[:int(max_examples)]
-  if schema == 'auto':
-    schema = _detect_schema(records[0][1], f'{str(path)!r} record 1')
-  spec = _SCHEMA_FIELDS[schema]
-  columns = {f: [] for f in FIELDS}
+  keyed = bool(input_key)
+  if keyed:
+    spec = {'instruction': ('instruction', False), 'input': (input_key, True),
+            'output': (target_key, True), 'category': ('category', False)}
+    if input_key == 'instruction':
+      spec['instruction'] = (None, False)
+  else:
+    if schema == 'auto':
+      schema = _detect_schema(records[0][1], f'{str(path)!r} record 1')
+    spec = _SCHEMA_FIELDS[schema]
+  extra = [k for k in dict.fromkeys(keep) if k not in FIELDS]
+  asked = ([input_key, target_key] if keyed else []) + extra
+  available = sorted(set().union(*(r.keys() for _, r in records)))
+  for name in asked:
+    if name not in available:
+      raise MissingFieldError(
+          f'{str(path)!r}: no record has the field {name!r}; fields: '
+          f'{available}', field=name, available=available)
+  columns = {f: [] for f in FIELDS + tuple(extra)}
   for lineno, record in records:
     for field, (source, required) in spec.items():
-      if source not in record or record[source] is None:
+      if source is None or source not in record or record[source] is None:
         if required:
+          what = f'of schema {schema!r}' if not keyed else 'named by the keys'
           raise ValueError(
-              f'{str(path)!r} line {lineno}: missing field {source!r} of '
-              f'schema {schema!r}; fields: {sorted(record)}.')
+              f'{str(path)!r} line {lineno}: missing field {source!r} {what}; '
+              f'fields: {sorted(record)}.')
         value = NO_CATEGORY if field == 'category' else ''
       else:
         value = record[source]
+        if keyed and source in (input_key, target_key):
+          value = _scalar_str(value)
       if not isinstance(value, str):
         raise ValueError(
             f'{str(path)!r} line {lineno}: field {source!r} must be a '
-            f'string, got {type(value).__name__}.')
+            f'string{" or a number" if keyed and required else ""}, got '
+            f'{type(record[source]).__name__}.')
       columns[field].append(value)
+    for name in extra:
+      if record.get(name) is None:
+        raise ValueError(
+            f'{str(path)!r} line {lineno}: missing field {name!r}; fields: '
+            f'{sorted(record)}.')
+      value = _scalar_str(record[name])
+      if value is None:
+        raise ValueError(
+            f'{str(path)!r} line {lineno}: field {name!r} must be a string or '
+            f'a number, got {type(record[name]).__name__}.')
+      columns[name].append(value)
   return {f: _object_array(v) for f, v in columns.items()}
 
 
-def _columns(examples: Any, require: Sequence[str] = ('instruction', 'output')
-             ) -> dict[str, list[str]]:
-  """Normalises a dict of arrays or a sequence of record dicts."""
+def _columns(examples: Any, require: Sequence[str] = ('instruction', 'output'),
+             extra: Sequence[str] = ()) -> dict[str, list[str]]:
+  """Normalises a dict of arrays or a sequence of record dicts.
+
+  Records keep :data:`FIELDS` and the ``extra`` fields (each record must have
+  those); a dict of arrays keeps all its keys.
+  """
   if isinstance(examples, Mapping):
     cols = {k: [str(x) for x in np.asarray(v, dtype=object).reshape(-1)]
             for k, v in examples.items()}
   elif isinstance(examples, Sequence) and not isinstance(examples, str):
-    cols = {f: [] for f in FIELDS}
+    extra = [f for f in dict.fromkeys(extra) if f not in FIELDS]
+    cols = {f: [] for f in FIELDS + tuple(extra)}
     for i, r in enumerate(examples):
       if not isinstance(r, Mapping):
         raise ValueError(
@@ -225,6 +316,11 @@ def _columns(examples: Any, require: Sequence[str] = ('instruction', 'output')
       for f in FIELDS:
         default = NO_CATEGORY if f == 'category' else ''
         cols[f].append(str(r.get(f, default)))
+      for f in extra:
+        if f not in r:
+          raise ValueError(
+              f'examples[{i}] lacks the field {f!r}; fields: {sorted(r)}')
+        cols[f].append(str(r[f]))
   else:
     raise ValueError(
         'examples must be a dict of arrays (from load_instructions) or a '
@@ -234,6 +330,7 @@ def _columns(examples: Any, require: Sequence[str] = ('instruction', 'output')
       raise ValueError(
           f'examples lack the field {f!r}; fields: {sorted(cols)}')
   n = len(next(iter(cols.values()), []))
+  cols.setdefault('instruction', [''] * n)
   cols.setdefault('input', [''] * n)
   cols.setdefault('category', [NO_CATEGORY] * n)
   lengths = {k: len(v) for k, v in cols.items()}
@@ -247,39 +344,109 @@ def _columns(examples: Any, require: Sequence[str] = ('instruction', 'output')
 # ------------------------------------------------------------------- templates
 
 
-def _fields_of(template: str) -> set[str]:
-  return {name for _, name, _, _ in string.Formatter().parse(template)
-          if name is not None}
+def template_fields(template: str) -> tuple[str, ...]:
+  """The field names of a ``str.format`` template, in order of first use.
+
+  Args:
+    template: e.g. ``'{instruction}: {input} ->'``.
+
+  Returns:
+    The distinct names.
+
+  Raises:
+    ValueError: on unbalanced braces, positional fields (``{}``, ``{0}``),
+      attribute or index access (``{a.b}``, ``{a[0]}``) or nested fields in
+      a format spec. Literal braces are written ``{{`` and ``}}``.
+  """
+  if not isinstance(template, str):
+    raise ValueError(f'a template must be a str, got {type(template).__name__}')
+  try:
+    parsed = list(string.Formatter().parse(template))
+  except ValueError as e:
+    raise ValueError(
+        f'bad braces in template {template!r} ({e}); write a literal brace as '
+        '"{{" or "}}"') from None
+  names = []
+  for _, name, spec, _ in parsed:
+    if name is None:
+      continue
+    if not name.isidentifier():
+      raise ValueError(
+          f'template {template!r} has the field {{{name}}}: fields are record '
+          'field names, e.g. {input} (no positional fields, no attribute or '
+          'index access)')
+    if spec and ('{' in spec or '}' in spec):
+      raise ValueError(
+          f'template {template!r}: the format spec of {{{name}}} holds a '
+          'nested field')
+    names.append(name)
+  return tuple(dict.fromkeys(names))
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
-  """A prompt template with and without an input (context) field.
+  """A prompt template: with and without an input, or one for every record.
 
   Attributes:
     with_input: ``str.format`` template with ``{instruction}`` and
-      ``{input}``, used when the input is non-empty.
-    without_input: template with ``{instruction}`` only.
+      ``{input}``, used when the input is non-empty. With ``without_input``
+      None: the one template of every record, naming any record fields
+      (e.g. ``'{input} ->'`` or ``'{instruction}\n{input}\n'``).
+    without_input: template with ``{instruction}`` only, used when the input
+      is empty (a record with an input but no instruction renders its input
+      as the instruction); None: ``with_input`` for every record.
   """
 
   with_input: str
-  without_input: str
+  without_input: str | None = None
 
   def __post_init__(self):
-    got = _fields_of(self.with_input)
+    if self.without_input is None:
+      if not template_fields(self.with_input):
+        raise ValueError(
+            f'template {self.with_input!r} names no field; name at least one, '
+            'e.g. {input}')
+      return
+    got = set(template_fields(self.with_input))
     if got != {'instruction', 'input'}:
       raise ValueError(
           'with_input must use exactly the fields {instruction} and {input}, '
           f'got {sorted(got)}')
-    got = _fields_of(self.without_input)
+    got = set(template_fields(self.without_input))
     if got != {'instruction'}:
       raise ValueError(
           'without_input must use exactly the field {instruction}, got '
           f'{sorted(got)}')
 
+  @property
+  def fields(self) -> tuple[str, ...]:
+    """The record fields the template reads."""
+    if self.without_input is None:
+      return template_fields(self.with_input)
+    return ('instruction', 'input')
+
   # pylint: disable-next=redefined-builtin
-  def format(self, instruction: str, input: str = '') -> str:
-    """Renders the prompt (everything before the response)."""
+  def format(self, instruction: str = '', input: str = '', **fields: str) -> str:
+    """Renders the prompt (everything before the response).
+
+    Args:
+      instruction: the instruction.
+      input: the input (context).
+      **fields: more record fields, for a template that names them.
+
+    Returns:
+      The prompt.
+    """
+    if self.without_input is None:
+      values = {'instruction': instruction, 'input': input, **fields}
+      missing = [f for f in self.fields if f not in values]
+      if missing:
+        raise ValueError(
+            f'template {self.with_input!r} names {missing}, which the record '
+            f'lacks; fields: {sorted(values)}')
+      return self.with_input.format(**values)
+    if not instruction.strip():
+      instruction, input = input, ''
     if input.strip():
       return self.with_input.format(instruction=instruction, input=input)
     return self.without_input.format(instruction=instruction)
@@ -311,20 +478,50 @@ TEMPLATES = {'alpaca': ALPACA_TEMPLATE, 'short': SHORT_TEMPLATE}
 def _template(template: str | PromptTemplate) -> PromptTemplate:
   if isinstance(template, PromptTemplate):
     return template
-  if template not in TEMPLATES:
-    raise ValueError(
-        f'template must be a PromptTemplate or one of {sorted(TEMPLATES)}, '
-        f'got {template!r}')
-  return TEMPLATES[template]
+  if isinstance(template, str) and template in TEMPLATES:
+    return TEMPLATES[template]
+  if isinstance(template, str) and '{' in template:
+    return PromptTemplate(template)
+  raise ValueError(
+      f'template must be a PromptTemplate, one of {sorted(TEMPLATES)} or a '
+      f'format string naming record fields (e.g. "{{input}} ->"), got '
+      f'{template!r}')
+
+
+def _template_columns(examples: Any, tpl: PromptTemplate,
+                      require: Sequence[str] = ()) -> dict[str, list[str]]:
+  """The columns of ``examples``, with the fields ``tpl`` reads."""
+  if tpl.without_input is None:
+    names = [f for f in tpl.fields if f not in ('instruction', 'input', 'category')]
+  else:
+    names = ['instruction']
+  return _columns(examples, require=tuple(dict.fromkeys([*require, *names])),
+                  extra=tpl.fields)
+
+
+def _render(cols: Mapping[str, list[str]], tpl: PromptTemplate) -> list[str]:
+  if tpl.without_input is None:
+    names = tpl.fields
+    return [tpl.with_input.format(**{f: cols[f][i] for f in names})
+            for i in range(len(cols['input']))]
+  return [tpl.format(i, x) for i, x in zip(cols['instruction'], cols['input'])]
 
 
 def format_prompts(
     examples: Any, template: str | PromptTemplate = 'alpaca'
 ) -> list[str]:
-  """Renders the prompt of every example (without the response)."""
-  cols = _columns(examples, require=('instruction',))
+  """Renders the prompt of every example (without the response).
+
+  Args:
+    examples: as in :func:`tokenize_instructions`.
+    template: a :class:`PromptTemplate`, a name in :data:`TEMPLATES`, or a
+      format string naming record fields (e.g. ``'{input} ->'``).
+
+  Returns:
+    One prompt per example.
+  """
   tpl = _template(template)
-  return [tpl.format(i, x) for i, x in zip(cols['instruction'], cols['input'])]
+  return _render(_template_columns(examples, tpl), tpl)
 
 
 # ------------------------------------------------------------------ tokenizing
@@ -334,6 +531,10 @@ def _raw_encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
   """Token ids of each text, without special tokens and without padding."""
   if not texts:
     return []
+  encode_ids = getattr(tokenizer, 'encode_ids', None)
+  if callable(encode_ids):
+    # CharTokenizer (and any tokenizer with a raw `encode_ids`).
+    return [list(map(int, x)) for x in encode_ids(texts)]
   processor = getattr(tokenizer, 'processor', None)
   if processor is not None and hasattr(processor, 'encode'):
     # SentencePieceTokenizer: bypass its BOS/EOS handling.
@@ -372,9 +573,14 @@ def _find_eos(tokenizer: Any) -> int | None:
 
 
 def _find_bos(tokenizer: Any) -> int | None:
+  if not getattr(tokenizer, 'add_bos', False):
+    return None
   processor = getattr(tokenizer, 'processor', None)
-  if getattr(tokenizer, 'add_bos', False) and processor is not None:
+  if processor is not None:
     return int(processor.bos_id())
+  bos = getattr(tokenizer, 'bos_id', None)
+  if isinstance(bos, (int, np.integer)) and bos >= 0:
+    return int(bos)
   return None
 
 
@@ -420,7 +626,8 @@ def tokenize_instructions(
       (``SentencePieceTokenizer``, ``HFTokenizer`` or any object with
       ``encode``/``pad_id``).
     max_len: sequence length ``>= 2``.
-    template: a :class:`PromptTemplate` or a name in :data:`TEMPLATES`.
+    template: a :class:`PromptTemplate`, a name in :data:`TEMPLATES` or a
+      format string naming record fields (e.g. ``'{input} ->'``).
     add_eos: append EOS to the response (and mark it in ``loss_mask``).
     eos_id: EOS id; default: the tokenizer's (``eos_id`` attribute,
       SentencePiece ``eos_id()``, or a common HF EOS token).
@@ -437,8 +644,9 @@ def tokenize_instructions(
   """
   max_len = _check_max_len(max_len)
   eos_id, bos_id = _check_id(eos_id, 'eos_id'), _check_id(bos_id, 'bos_id')
-  cols = _columns(examples)
-  prompts = format_prompts(cols, template)
+  tpl = _template(template)
+  cols = _template_columns(examples, tpl, require=('output',))
+  prompts = _render(cols, tpl)
   if add_eos and eos_id is None:
     eos_id = _find_eos(tokenizer)
     if eos_id is None:
@@ -482,7 +690,7 @@ def tokenize_prompts(
     examples: as in :func:`tokenize_instructions` (``output`` is unused).
     tokenizer: the tokenizer.
     max_len: prompt length ``>= 2``.
-    template: a :class:`PromptTemplate` or a name in :data:`TEMPLATES`.
+    template: as in :func:`tokenize_instructions`.
     bos_id: BOS id (default as in :func:`tokenize_instructions`).
     padding: ``'left'`` or ``'right'``.
 
@@ -511,10 +719,20 @@ def tokenize_prompts(
 # ---------------------------------------------------------------- partitioning
 
 
-def category_ids(examples: Any) -> tuple[np.ndarray, np.ndarray]:
-  """Integer category ids: ``(ids [N] int64, names [K] sorted)``."""
-  cats = np.asarray(_columns(examples, require=())['category'], dtype=object)
-  names, ids = np.unique(cats.astype(str), return_inverse=True)
+def category_ids(examples: Any, key: str = 'category'
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Integer ids of a field's values: ``(ids [N] int64, names [K] sorted)``.
+
+  Args:
+    examples: instruction examples (see :func:`tokenize_instructions`).
+    key: the field (default the category).
+
+  Returns:
+    The id of each example's value and the sorted distinct values.
+  """
+  cols = _columns(examples, require=(key,), extra=(key,))
+  values = np.asarray(cols[key], dtype=object)
+  names, ids = np.unique(values.astype(str), return_inverse=True)
   return ids.reshape(-1).astype(np.int64), names
 
 
@@ -526,36 +744,40 @@ def partition_instructions(
     alpha: float = 0.5,
     seed: int = 0,
     min_size: int = 1,
+    key: str = 'category',
 ) -> list[np.ndarray]:
   """Non-IID client partitions of instruction data.
 
   Args:
     examples: instruction examples (see :func:`tokenize_instructions`).
-    method: ``'natural'`` (one client per category, the natural partition
-      :func:`fedjax_fm.data.partition.natural`; clients in sorted category
-      order), ``'dirichlet'`` (:func:`fedjax_fm.data.partition.dirichlet`
-      over the category ids: smaller ``alpha`` = fewer categories per
-      client) or ``'iid'``.
+    method: ``'natural'`` (one client per distinct value of ``key``, the
+      natural partition :func:`fedjax_fm.data.partition.natural`; clients in
+      sorted value order), ``'dirichlet'``
+      (:func:`fedjax_fm.data.partition.dirichlet` over the values of
+      ``key``: smaller ``alpha`` = fewer values per client) or ``'iid'``.
     num_clients: number of clients (``'dirichlet'``, ``'iid'``; must be
-      ``None`` or the number of categories for ``'natural'``).
+      ``None`` or the number of distinct values for ``'natural'``).
     alpha: Dirichlet concentration ``> 0``.
     seed: seed of the random partitions.
     min_size: ``'dirichlet'``: minimum examples per client.
+    key: the field whose values make the clients (default the category).
 
   Returns:
     One sorted int64 index array per client.
 
   Raises:
-    ValueError: on a bad method or arguments.
+    ValueError: on a bad method or arguments (``dirichlet``'s
+      :class:`fedjax_fm.data.partition.MinSizeError` when ``min_size`` is not
+      met).
   """
   if method not in PARTITIONS:
     raise ValueError(f'method must be one of {PARTITIONS}, got {method!r}')
-  ids, names = category_ids(examples)
+  ids, names = category_ids(examples, key)
   if method == 'natural':
     if num_clients is not None and num_clients != names.size:
       raise ValueError(
-          f"method='natural' makes one client per category ({names.size}: "
-          f'{list(names)}), got num_clients={num_clients}')
+          f"method='natural' makes one client per {key} ({names.size}: "
+          f'{[str(n) for n in names[:10]]}), got num_clients={num_clients}')
     return partition_lib.natural(ids)[0]
   if num_clients is None:
     raise ValueError(f'method={method!r} needs num_clients')
@@ -588,7 +810,7 @@ def federated_instructions(
     num_clients: see :func:`partition_instructions`.
     alpha: see :func:`partition_instructions`.
     seed: see :func:`partition_instructions`.
-    template: prompt template.
+    template: prompt template (see :func:`tokenize_instructions`).
     **tokenize_kwargs: passed to :func:`tokenize_instructions`.
 
   Returns:

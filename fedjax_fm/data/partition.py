@@ -13,6 +13,22 @@ from typing import Any
 import numpy as np
 
 
+class MinSizeError(ValueError):
+  """A random partition could not give every client its minimum size.
+
+  Attributes:
+    min_size: the minimum asked for.
+    smallest: the smallest client of the last draw.
+    attempts: the number of draws made.
+  """
+
+  def __init__(self, message: str, *, min_size: int, smallest: int, attempts: int):
+    super().__init__(message)
+    self.min_size = min_size
+    self.smallest = smallest
+    self.attempts = attempts
+
+
 def _check_int(value: Any, name: str, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ValueError(f'`{name}` must be an int >= {minimum}, got {value!r}.')
@@ -97,7 +113,8 @@ def dirichlet(
     Per-client sorted index arrays.
 
   Raises:
-    ValueError: On bad arguments or if ``min_size`` is not met after
+    ValueError: On bad arguments.
+    MinSizeError: (a ValueError) If ``min_size`` is not met after
       ``max_attempts`` draws.
   """
   labels = _check_labels(labels)
@@ -136,11 +153,12 @@ def dirichlet(
       client_of = np.empty(labels.size, dtype=np.int64)
       client_of[order] = client_of_sorted
       return _group(client_of, num_clients)
-  raise ValueError(
+  raise MinSizeError(
       f'dirichlet: could not give every client >= min_size={min_size} '
       f'examples in {max_attempts} attempts (alpha={alpha}, '
       f'num_clients={num_clients}, last smallest client {sizes.min()}); '
-      'lower `min_size`, raise `alpha` or raise `max_attempts`.')
+      'lower `min_size`, raise `alpha` or raise `max_attempts`.',
+      min_size=min_size, smallest=int(sizes.min()), attempts=max_attempts)
 
 
 def shards(

@@ -27,19 +27,35 @@ def _object_array(values: Sequence[Any]) -> np.ndarray:
   return out
 
 
+_TEXT = (str, bytes, np.str_, np.bytes_)
+_NUMBER = (int, float, np.integer, np.floating)
+
+
+def _scalar_text(value: Any) -> str:
+  """A str, bytes or number as text; integral floats as integers (1.0 -> '1')."""
+  if isinstance(value, (bytes, np.bytes_)):
+    return value.decode('utf-8')
+  if isinstance(value, (float, np.floating)) and float(value).is_integer():
+    return str(int(value))
+  if isinstance(value, np.generic):
+    return str(value.item())
+  return str(value)
+
+
 def _stack(values: Sequence[Any]) -> np.ndarray:
-  """Stacks per-example values: str/bytes -> object array of str."""
-  if values and all(isinstance(v, (str, bytes, np.str_, np.bytes_))
-                    for v in values):
-    return _object_array([
-        v.decode('utf-8') if isinstance(v, (bytes, np.bytes_)) else str(v)
-        for v in values
-    ])
+  """Stacks per-example values: str/bytes -> object array of str.
+
+  A column mixing strings and numbers (e.g. labels ``1`` and ``"cat"``)
+  becomes strings throughout (``'1'``, ``'cat'``; ``1.0`` -> ``'1'``).
+  """
+  if values and all(isinstance(v, _TEXT) for v in values):
+    return _object_array([_scalar_text(v) for v in values])
+  if values and any(isinstance(v, _TEXT) for v in values) and all(
+      isinstance(v, _TEXT + _NUMBER + (np.bool_,)) for v in values):
+    return _object_array([_scalar_text(v) for v in values])
   arrays = [np.asarray(v) for v in values]
-  if arrays and arrays[0].dtype.kind in 'SU' and all(
-      a.shape == () for a in arrays):
-    return _object_array([str(a.item()) if a.dtype.kind == 'U'
-                          else a.item().decode('utf-8') for a in arrays])
+  if arrays and all(a.shape == () and a.dtype.kind in 'SU' for a in arrays):
+    return _object_array([_scalar_text(a.item()) for a in arrays])
   try:
     return np.stack(arrays)
   except ValueError:

@@ -5,10 +5,17 @@ All tokenizers follow the small :class:`Tokenizer` protocol:
 arrays of shape ``[N, max_len]`` (right-padded with ``pad_id``, truncated to
 ``max_len``), ``decode(ids)`` returns a string, and ``vocab_size`` /
 ``pad_id`` describe the vocabulary.
+
+:class:`SentencePieceTokenizer` and :class:`CharTokenizer` (one token per
+character) are trained on texts; :func:`sentencepiece_min_vocab` says, before
+training, the smallest vocabulary SentencePiece accepts for them.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import json
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
@@ -17,6 +24,22 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 PathLike = str | os.PathLike[str]
+
+# SentencePiece's trainer: sentences longer than this many bytes are skipped
+# (its default ``max_sentence_length``), and the special pieces of
+# `SentencePieceTokenizer.train` (pad, unk, bos, eos).
+_SPM_MAX_SENTENCE_BYTES = 4192
+_SPM_SPECIAL_PIECES = 4
+_SPM_BYTE_PIECES = 256
+# Trainer options that change the count of `sentencepiece_min_vocab` (it then
+# leaves the check to the trainer).
+_SPM_COUNT_UNKNOWN = (
+    'user_defined_symbols', 'control_symbols', 'normalization_rule_name',
+    'normalization_rule_tsv', 'add_dummy_prefix', 'remove_extra_whitespaces',
+    'max_sentence_length', 'input_sentence_size', 'use_all_vocab',
+    'required_chars', 'byte_fallback_only')
+# The character_coverage SentencePiece's trainer accepts.
+SPM_COVERAGE_RANGE = (0.98, 1.0)
 
 
 @runtime_checkable
@@ -169,9 +192,19 @@ class SentencePieceTokenizer:
 
     Returns:
       The trained tokenizer.
+
+    Raises:
+      ValueError: On bad arguments, or (before training) when ``vocab_size``
+        is below what the texts require (:func:`sentencepiece_min_vocab`).
     """
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
+    lo, hi = SPM_COVERAGE_RANGE
+    if isinstance(character_coverage, bool) or not isinstance(
+        character_coverage, (int, float)) or not lo <= character_coverage <= hi:
+      raise ValueError(
+          f'`character_coverage` must be in [{lo}, {hi}] (SentencePiece\'s '
+          f'range), got {character_coverage!r}.')
     if model_type not in ('unigram', 'bpe'):
       raise ValueError(
           f"`model_type` must be 'unigram' or 'bpe', got {model_type!r}.")
@@ -193,6 +226,18 @@ class SentencePieceTokenizer:
         minloglevel=2,
     )
     options.update(trainer_kwargs)
+    if not any(k in options for k in _SPM_COUNT_UNKNOWN):
+      need = sentencepiece_min_vocab(
+          texts, character_coverage=character_coverage,
+          byte_fallback=bool(options.get('byte_fallback', False)),
+          special_pieces=sum(options[k] >= 0 for k in
+                             ('pad_id', 'unk_id', 'bos_id', 'eos_id')))
+      if vocab_size < need.min_vocab_size:
+        raise ValueError(
+            f'`vocab_size`={vocab_size} is smaller than the '
+            f'{need.min_vocab_size} pieces SentencePiece requires: '
+            f'{need.describe()}. Raise `vocab_size`, lower '
+            '`character_coverage` or use a character-level tokenizer.')
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), **options)
     return cls.load(f'{prefix}.model', add_bos=add_bos, add_eos=add_eos)
 
@@ -342,3 +387,263 @@ class HFTokenizer:
     """Decodes one id sequence, skipping padding and special tokens."""
     return self._tok.decode(_ids_list(ids, self._pad_id),
                             skip_special_tokens=True)
+
+
+# ------------------------------------------------------------ vocabulary needs
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabNeed:
+  """The smallest vocabulary a SentencePiece model of some texts can have.
+
+  Attributes:
+    min_vocab_size: special pieces + required characters (+ 256 byte pieces
+      with byte fallback); a smaller ``vocab_size`` fails to train.
+    special_pieces: the special pieces (pad, unk, bos, eos).
+    distinct_chars: distinct characters of the normalised texts (spaces
+      count as one, ``'\u2581'``).
+    required_chars: those that ``character_coverage`` keeps (the most
+      frequent ones, until the covered fraction reaches it).
+    character_coverage: the coverage used.
+    byte_fallback: whether the 256 byte pieces are added.
+  """
+  min_vocab_size: int
+  special_pieces: int
+  distinct_chars: int
+  required_chars: int
+  character_coverage: float
+  byte_fallback: bool
+
+  def describe(self) -> str:
+    """The count in words, e.g. for an error message."""
+    parts = [f'{self.special_pieces} special pieces', f'{self.required_chars} '
+             f'of the {self.distinct_chars} distinct characters (character_coverage='
+             f'{self.character_coverage})']
+    if self.byte_fallback:
+      parts.append(f'{_SPM_BYTE_PIECES} byte pieces (byte_fallback)')
+    return ' + '.join(parts)
+
+
+def _spm_normalizer(rule_name: str):
+  try:
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    return spm.SentencePieceNormalizer(rule_name=rule_name).normalize
+  except (ImportError, AttributeError):  # sentencepiece < 0.2: an approximation
+    import unicodedata  # pylint: disable=g-import-not-at-top
+
+    def normalize(text: str) -> str:
+      words = unicodedata.normalize('NFKC', text).split()
+      return ''.join('\u2581' + w for w in words)
+    return normalize
+
+
+def sentencepiece_min_vocab(
+    texts: Iterable[str],
+    *,
+    character_coverage: float = 1.0,
+    byte_fallback: bool = False,
+    special_pieces: int = _SPM_SPECIAL_PIECES,
+) -> VocabNeed:
+  """Counts the pieces SentencePiece's trainer requires before its merges.
+
+  Follows the trainer's rule: each text is normalised (NFKC, whitespace runs
+  become one ``'\u2581'``, with one in front), texts longer than 4192 bytes
+  are skipped, and the characters are taken most frequent first until their
+  share of all characters reaches ``character_coverage`` (all of them at
+  1.0). The vocabulary must hold those characters, the special pieces (4 in
+  :meth:`SentencePieceTokenizer.train`) and, with ``byte_fallback``, 256 byte
+  pieces. This is the trainer's rule with its default normalisation
+  (``nmt_nfkc``) and no user-defined or control symbols.
+
+  Args:
+    texts: the training texts.
+    character_coverage: as in :meth:`SentencePieceTokenizer.train`.
+    byte_fallback: whether byte pieces are added.
+    special_pieces: pad, unk, bos and eos pieces the model has.
+
+  Returns:
+    A :class:`VocabNeed`.
+  """
+  normalize = _spm_normalizer('nmt_nfkc')
+  counts: collections.Counter[str] = collections.Counter()
+  for text in _check_texts(texts):
+    if len(text.encode('utf-8')) <= _SPM_MAX_SENTENCE_BYTES:
+      counts.update(normalize(text))
+  total = sum(counts.values())
+  covered, required = 0, 0
+  for _, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+    if character_coverage < 1.0 and covered >= character_coverage * total:
+      break
+    covered += count
+    required += 1
+  return VocabNeed(
+      min_vocab_size=special_pieces + required
+      + (_SPM_BYTE_PIECES if byte_fallback else 0),
+      special_pieces=int(special_pieces), distinct_chars=len(counts),
+      required_chars=required,
+      character_coverage=float(character_coverage),
+      byte_fallback=bool(byte_fallback))
+
+
+# -------------------------------------------------------------- characters
+
+
+class CharTokenizer:
+  """One token per character, the vocabulary read from training texts.
+
+  Ids: pad 0, unk 1, bos 2, eos 3 (as in :meth:`SentencePieceTokenizer.train`),
+  then the training texts' distinct characters in sorted order. A character
+  outside the vocabulary encodes to unk (and decodes to ``'\ufffd'``). When
+  ``add_bos`` / ``add_eos`` are set, truncation removes content tokens so that
+  the BOS and EOS tokens are always kept.
+  """
+
+  SPECIALS = ('<pad>', '<unk>', '<s>', '</s>')
+
+  def __init__(self, chars: Iterable[str], *, add_bos: bool = False,
+               add_eos: bool = False):
+    """Builds the tokenizer from its characters.
+
+    Args:
+      chars: the distinct single characters of the vocabulary.
+      add_bos: Prepend the BOS id to every sequence.
+      add_eos: Append the EOS id to every sequence.
+    """
+    chars = list(chars)
+    bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
+    if bad:
+      raise ValueError(f'`chars` must be single characters, got {bad[:5]!r}.')
+    if len(set(chars)) != len(chars):
+      raise ValueError('`chars` holds duplicates.')
+    self._chars = tuple(chars)
+    offset = len(self.SPECIALS)
+    self._ids = {c: i + offset for i, c in enumerate(self._chars)}
+    self.add_bos = bool(add_bos)
+    self.add_eos = bool(add_eos)
+
+  @classmethod
+  def train(cls, texts: Iterable[str], *, add_bos: bool = False,
+            add_eos: bool = False, path: PathLike | None = None
+            ) -> CharTokenizer:
+    """The tokenizer of the distinct characters of ``texts``.
+
+    Args:
+      texts: Training texts.
+      add_bos: Prepend BOS when encoding.
+      add_eos: Append EOS when encoding.
+      path: If given, also save the vocabulary there (:meth:`save`).
+
+    Returns:
+      The tokenizer.
+    """
+    chars = set()
+    for text in _check_texts(texts):
+      chars.update(text)
+    if not chars:
+      raise ValueError('`texts` holds no character to train on.')
+    tok = cls(sorted(chars), add_bos=add_bos, add_eos=add_eos)
+    if path is not None:
+      tok.save(path)
+    return tok
+
+  def save(self, path: PathLike) -> None:
+    """Writes the vocabulary as JSON (``{'kind': 'char', 'chars': [...]}``)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'kind': 'char', 'chars': list(self._chars)},
+                               ensure_ascii=False), encoding='utf-8')
+
+  @classmethod
+  def load(cls, path: PathLike, *, add_bos: bool = False,
+           add_eos: bool = False) -> CharTokenizer:
+    """Reads a vocabulary written by :meth:`save`.
+
+    Args:
+      path: The JSON file.
+      add_bos: Prepend BOS.
+      add_eos: Append EOS.
+
+    Returns:
+      The tokenizer.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f'No character vocabulary file: {str(path)!r}.')
+    try:
+      spec = json.loads(path.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{str(path)!r}: malformed JSON ({e.msg}).') from e
+    if not isinstance(spec, dict) or spec.get('kind') != 'char' or (
+        not isinstance(spec.get('chars'), list)):
+      raise ValueError(
+          f"{str(path)!r} is not a character vocabulary ({{'kind': 'char', "
+          "'chars': [...]}).")
+    return cls(spec['chars'], add_bos=add_bos, add_eos=add_eos)
+
+  @property
+  def chars(self) -> tuple[str, ...]:
+    """The characters of the vocabulary, in id order."""
+    return self._chars
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.SPECIALS) + len(self._chars)
+
+  @property
+  def pad_id(self) -> int:
+    return 0
+
+  @property
+  def unk_id(self) -> int:
+    return 1
+
+  @property
+  def bos_id(self) -> int:
+    return 2
+
+  @property
+  def eos_id(self) -> int:
+    return 3
+
+  def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of each text, without BOS/EOS and without padding."""
+    unk = self.unk_id
+    return [[self._ids.get(c, unk) for c in t] for t in _check_texts(texts)]
+
+  def encode(self, texts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
+    """Encodes texts into padded int32 arrays.
+
+    Args:
+      texts: Sequence of strings.
+      max_len: Output length ``>= 1`` (and larger than the number of
+        BOS/EOS tokens requested).
+
+    Returns:
+      ``{'input_ids': int32 [N, max_len], 'attention_mask': int32 [N,
+      max_len]}``.
+    """
+    ids = self.encode_ids(texts)
+    max_len = _check_max_len(max_len)
+    num_special = int(self.add_bos) + int(self.add_eos)
+    if max_len <= num_special:
+      raise ValueError(
+          f'`max_len` must exceed the {num_special} BOS/EOS token(s), got '
+          f'{max_len}.')
+    bos = [self.bos_id] if self.add_bos else []
+    eos = [self.eos_id] if self.add_eos else []
+    content = max_len - num_special
+    return pad_sequences([bos + s[:content] + eos for s in ids], max_len,
+                         self.pad_id)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Decodes one id sequence, skipping pad, BOS and EOS; unk is U+FFFD."""
+    offset = len(self.SPECIALS)
+    out = []
+    for i in np.asarray(ids).reshape(-1).astype(np.int64).tolist():
+      if i >= offset and i - offset < len(self._chars):
+        out.append(self._chars[i - offset])
+      elif i == self.unk_id:
+        out.append('\ufffd')
+      elif i not in (self.pad_id, self.bos_id, self.eos_id):
+        raise ValueError(f'id {i} is outside the vocabulary of {self.vocab_size}.')
+    return ''.join(out)

@@ -10,13 +10,20 @@ and work on NumPy or JAX arrays, inside or outside ``jax.jit``:
 
 Text metrics compare generated strings with references, in plain Python:
 
-* :func:`exact_match` and :func:`token_f1`, SQuAD-style (answers normalised by
-  :func:`normalize_answer`: lowercase, no punctuation, no articles, single
-  spaces; F1 over bags of tokens);
+* :func:`exact_match`, with its normalisation named: ``'squad'`` (the
+  default; :func:`normalize_answer`: lowercase, no punctuation, no articles
+  ``a``/``an``/``the``, single spaces), ``'strip'`` (leading and trailing
+  whitespace only) or ``'none'`` (the strings as they are);
+* :func:`token_f1`, SQuAD-style (F1 over bags of normalised tokens);
 * :func:`rouge_l`, the ROUGE-L F-measure (longest common subsequence of
   tokens), tokenised exactly as the ``rouge_score`` package does;
-* :func:`generative_metrics`: means over examples of the above, each the max
-  over an example's references.
+* :func:`char_error_rate` and :func:`token_error_rate` (CER, TER): the
+  Levenshtein distance (:func:`edit_distance`) over characters, resp.
+  whitespace-separated tokens, divided by the reference length; over a corpus
+  the total edits divided by the total reference length;
+* :func:`generative_metrics`: means over examples of exact match, token F1 and
+  ROUGE-L (each the max over an example's references) and the corpus CER and
+  TER (each example scored against its closest reference).
 """
 
 from __future__ import annotations
@@ -32,19 +39,28 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    'EM_NORMALIZATIONS',
+    'GENERATIVE_SCORES',
     'RougeScore',
     'accuracy',
+    'aggregate_generative',
+    'char_error_rate',
+    'edit_distance',
+    'error_counts',
     'exact_match',
     'generative_metrics',
+    'generative_scores',
     'lcs_length',
     'masked_mean',
     'mean_loss',
     'normalize_answer',
+    'normalize_text',
     'perplexity',
     'perplexity_from_sums',
     'rouge_l',
     'rouge_l_score',
     'rouge_tokenize',
+    'token_error_rate',
     'token_f1',
 ]
 
@@ -195,11 +211,55 @@ def _check_str(value: Any, name: str) -> None:
     raise ValueError(f'`{name}` must be a str, got {type(value).__name__}.')
 
 
-def exact_match(prediction: str, reference: str) -> float:
-  """1.0 if the normalised prediction equals the normalised reference."""
+# How exact match compares two strings (``config.eval.em_normalize``).
+EM_NORMALIZATIONS = ('squad', 'strip', 'none')
+
+
+def normalize_text(text: str, normalize: str) -> str:
+  """``text`` under one of :data:`EM_NORMALIZATIONS`.
+
+  Args:
+    text: a string.
+    normalize: ``'squad'`` (:func:`normalize_answer`), ``'strip'`` (leading
+      and trailing whitespace removed, nothing else) or ``'none'``.
+
+  Returns:
+    The normalised string.
+
+  Raises:
+    ValueError: on another ``normalize`` or a non-str ``text``.
+  """
+  _check_str(text, 'text')
+  if normalize == 'squad':
+    return normalize_answer(text)
+  if normalize == 'strip':
+    return text.strip()
+  if normalize == 'none':
+    return text
+  raise ValueError(
+      f'`normalize` must be one of {EM_NORMALIZATIONS}, got {normalize!r}.')
+
+
+def exact_match(prediction: str, reference: str, normalize: str = 'squad') -> float:
+  """1.0 if the prediction equals the reference after normalisation, else 0.0.
+
+  Args:
+    prediction: predicted text.
+    reference: reference text.
+    normalize: how both are normalised first (:func:`normalize_text`):
+      ``'squad'`` (default: lowercase, no punctuation, no articles ``a``,
+      ``an``, ``the``, single spaces), ``'strip'`` or ``'none'``.
+
+  Returns:
+    1.0 or 0.0.
+
+  Raises:
+    ValueError: on non-str inputs or an unknown ``normalize``.
+  """
   _check_str(prediction, 'prediction')
   _check_str(reference, 'reference')
-  return float(normalize_answer(prediction) == normalize_answer(reference))
+  return float(normalize_text(prediction, normalize) ==
+               normalize_text(reference, normalize))
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -339,6 +399,137 @@ def rouge_l(prediction: str, reference: str, use_stemmer: bool = False) -> float
   return rouge_l_score(prediction, reference, use_stemmer).fmeasure
 
 
+# --------------------------------------------------------- error rates
+
+ERROR_UNITS = ('char', 'token')
+
+
+def _symbols(seq: Sequence[Any]) -> np.ndarray:
+  """``seq`` as int64 ids, equal ids for equal items (any hashable items)."""
+  if isinstance(seq, str):
+    return np.frombuffer(seq.encode('utf-32-le'), np.uint32).astype(np.int64)
+  ids: dict[Any, int] = {}
+  return np.asarray([ids.setdefault(x, len(ids)) for x in seq], np.int64)
+
+
+def edit_distance(a: Sequence[Any], b: Sequence[Any]) -> int:
+  """Levenshtein distance: the fewest insertions, deletions and substitutions.
+
+  Each edit costs 1. Dynamic programming one row at a time over the shorter
+  sequence, each row vectorised in NumPy: with ``t[j]`` the row before
+  insertions (deletion or substitution), ``row[j] = min_{k<=j} t[k] + j - k``,
+  a running minimum of ``t[k] - k``. ``O(len(a) * len(b))`` work, memory
+  ``O(max(len(a), len(b)))``.
+
+  Args:
+    a: a string or a sequence of hashable items (e.g. tokens).
+    b: another.
+
+  Returns:
+    The edit distance, an int.
+  """
+  if isinstance(a, str) != isinstance(b, str):
+    a, b = list(a), list(b)
+  if isinstance(a, str):
+    x, y = _symbols(a), _symbols(b)
+  else:
+    both = _symbols(list(a) + list(b))
+    x, y = both[:len(a)], both[len(a):]
+  if x.size < y.size:
+    x, y = y, x   # rows over the shorter one, vectorised along the longer
+  if y.size == 0:
+    return int(x.size)
+  cols = np.arange(x.size + 1, dtype=np.int64)
+  row = cols.copy()
+  for i, sym in enumerate(y, start=1):
+    t = np.empty_like(row)
+    t[0] = i
+    # deletion (row[j] + 1) or substitution/match (row[j-1] + cost)
+    t[1:] = np.minimum(row[1:] + 1, row[:-1] + (x != sym))
+    row = np.minimum.accumulate(t - cols) + cols   # insertions
+  return int(row[-1])
+
+
+def _units(text: str, unit: str) -> Sequence[Any]:
+  if unit == 'char':
+    return text
+  if unit == 'token':
+    return text.split()
+  raise ValueError(f'`unit` must be one of {ERROR_UNITS}, got {unit!r}.')
+
+
+def error_counts(prediction: str, reference: str, unit: str = 'char') -> tuple[int, int]:
+  """``(edits, reference length)`` of a prediction, in characters or tokens.
+
+  Args:
+    prediction: predicted text.
+    reference: reference text.
+    unit: ``'char'`` (every character, spaces included) or ``'token'``
+      (whitespace-separated tokens, ``str.split()``).
+
+  Returns:
+    The Levenshtein distance and the reference's length in that unit.
+  """
+  _check_str(prediction, 'prediction')
+  _check_str(reference, 'reference')
+  pred, ref = _units(prediction, unit), _units(reference, unit)
+  return edit_distance(pred, ref), len(ref)
+
+
+def _error_rate(prediction: Any, reference: Any, unit: str) -> float:
+  if isinstance(prediction, str) and isinstance(reference, str):
+    edits, length = error_counts(prediction, reference, unit)
+    return edits / max(length, 1)
+  if isinstance(prediction, str) or isinstance(reference, str):
+    raise ValueError('`prediction` and `reference` must both be str or both be lists of '
+                     'str.')
+  if len(prediction) != len(reference):
+    raise ValueError(
+        f'Got {len(prediction)} predictions but {len(reference)} references.')
+  edits = length = 0
+  for p, r in zip(prediction, reference):
+    e, n = error_counts(p, r, unit)
+    edits += e
+    length += n
+  return edits / max(length, 1)
+
+
+def char_error_rate(prediction: str | Sequence[str],
+                    reference: str | Sequence[str]) -> float:
+  """Character error rate (CER): character edits per reference character.
+
+  Args:
+    prediction: a predicted string, or a list of them (a corpus).
+    reference: the reference string, or the list of references.
+
+  Returns:
+    For two strings ``edit_distance(prediction, reference) /
+    max(len(reference), 1)``; for two lists the corpus rate, total edits /
+    max(total reference characters, 1). Can exceed 1 (insertions).
+
+  Raises:
+    ValueError: on mixed or mismatched inputs, or non-str items.
+  """
+  return _error_rate(prediction, reference, 'char')
+
+
+def token_error_rate(prediction: str | Sequence[str],
+                     reference: str | Sequence[str]) -> float:
+  """Token error rate (TER, word error rate over whitespace tokens).
+
+  As :func:`char_error_rate`, over the whitespace-separated tokens of the
+  texts (``str.split()``; no other normalisation).
+
+  Args:
+    prediction: a predicted string, or a list of them.
+    reference: the reference string, or the list of references.
+
+  Returns:
+    Token edits per reference token (corpus-level for lists).
+  """
+  return _error_rate(prediction, reference, 'token')
+
+
 # -------------------------------------------------------------- generation
 
 
@@ -365,29 +556,43 @@ def _reference_lists(references: Sequence[Any], n: int) -> list[list[str]]:
   return out
 
 
-def generative_metrics(
+GENERATIVE_SCORES = ('exact_match', 'token_f1', 'rouge_l', 'char_edits', 'char_length',
+                     'token_edits', 'token_length')
+
+
+def generative_scores(
     predictions: Sequence[str],
     references: Sequence[str] | Sequence[Sequence[str]],
     *,
     use_stemmer: bool = False,
-) -> dict[str, float]:
-  """Mean exact match, token F1 and ROUGE-L of generated texts.
+    em_normalize: str = 'squad',
+) -> dict[str, np.ndarray]:
+  """Per-example scores of generated texts, to aggregate over any subset.
 
-  Each example scores the max over its references, separately per metric.
+  Exact match, token F1 and ROUGE-L are each the max over an example's
+  references; the edit counts and lengths of CER and TER are those of the
+  reference of the lowest rate (``edits / max(length, 1)``, the first on
+  ties).
 
   Args:
     predictions: ``N >= 1`` generated strings.
     references: ``N`` reference strings, or ``N`` non-empty lists of
       reference strings.
     use_stemmer: Porter-stem the ROUGE-L tokens.
+    em_normalize: the normalisation of exact match (:data:`EM_NORMALIZATIONS`).
 
   Returns:
-    ``{'exact_match', 'token_f1', 'rouge_l'}`` (means in ``[0, 1]``) and
-    ``'num_examples'``.
+    ``{name: [N]}`` for every name of :data:`GENERATIVE_SCORES` (float64
+    scores, int64 counts); :func:`aggregate_generative` turns them into
+    metrics.
 
   Raises:
-    ValueError: on empty input, mismatched lengths or non-str items.
+    ValueError: on empty input, mismatched lengths, non-str items or an
+      unknown ``em_normalize``.
   """
+  if em_normalize not in EM_NORMALIZATIONS:
+    raise ValueError(f'`em_normalize` must be one of {EM_NORMALIZATIONS}, got '
+                     f'{em_normalize!r}.')
   if isinstance(predictions, str) or not isinstance(predictions, Sequence):
     raise ValueError('`predictions` must be a list of str.')
   if not predictions:
@@ -396,14 +601,75 @@ def generative_metrics(
     if not isinstance(p, str):
       raise ValueError(f'`predictions[{i}]` must be a str, got {p!r}.')
   refs = _reference_lists(references, len(predictions))
-  em, f1, rl = [], [], []
+  out: dict[str, list] = {name: [] for name in GENERATIVE_SCORES}
   for pred, rs in zip(predictions, refs):
-    em.append(max(exact_match(pred, r) for r in rs))
-    f1.append(max(token_f1(pred, r) for r in rs))
-    rl.append(max(rouge_l(pred, r, use_stemmer) for r in rs))
-  return {
-      'exact_match': float(np.mean(em)),
-      'token_f1': float(np.mean(f1)),
-      'rouge_l': float(np.mean(rl)),
-      'num_examples': len(predictions),
-  }
+    out['exact_match'].append(max(exact_match(pred, r, em_normalize) for r in rs))
+    out['token_f1'].append(max(token_f1(pred, r) for r in rs))
+    out['rouge_l'].append(max(rouge_l(pred, r, use_stemmer) for r in rs))
+    for unit in ERROR_UNITS:
+      counts = [error_counts(pred, r, unit) for r in rs]
+      edits, length = min(counts, key=lambda c: c[0] / max(c[1], 1))
+      out[f'{unit}_edits'].append(edits)
+      out[f'{unit}_length'].append(length)
+  return {name: np.asarray(v, np.int64 if name.endswith(('_edits', '_length'))
+                           else np.float64) for name, v in out.items()}
+
+
+def aggregate_generative(scores: dict[str, Any], select: Any = None) -> dict[str, float]:
+  """Metrics of (a subset of) :func:`generative_scores`.
+
+  Args:
+    scores: ``{name: [N]}`` from :func:`generative_scores`.
+    select: optional bool mask or index array of the examples to count
+      (default all).
+
+  Returns:
+    ``{'exact_match', 'token_f1', 'rouge_l'}`` (means over the examples),
+    ``{'cer', 'ter'}`` (total edits / max(total reference length, 1)) and
+    ``'num_examples'``; the means are NaN when no example is selected.
+  """
+  arrays = {k: np.asarray(v) for k, v in scores.items()}
+  if select is not None:
+    arrays = {k: v[select] for k, v in arrays.items()}
+  n = len(arrays['exact_match'])
+  out = {k: float(np.mean(arrays[k])) if n else float('nan')
+         for k in ('exact_match', 'token_f1', 'rouge_l')}
+  for unit, name in (('char', 'cer'), ('token', 'ter')):
+    edits, length = int(arrays[f'{unit}_edits'].sum()), int(arrays[f'{unit}_length'].sum())
+    out[name] = edits / max(length, 1) if n else float('nan')
+  out['num_examples'] = n
+  return out
+
+
+def generative_metrics(
+    predictions: Sequence[str],
+    references: Sequence[str] | Sequence[Sequence[str]],
+    *,
+    use_stemmer: bool = False,
+    em_normalize: str = 'squad',
+) -> dict[str, float]:
+  """Exact match, token F1, ROUGE-L, CER and TER of generated texts.
+
+  Exact match, token F1 and ROUGE-L are means over examples of each example's
+  max over its references. CER and TER are corpus rates (total edits / total
+  reference length), each example counted against its reference of the
+  lowest rate (the first on ties).
+
+  Args:
+    predictions: ``N >= 1`` generated strings.
+    references: ``N`` reference strings, or ``N`` non-empty lists of
+      reference strings.
+    use_stemmer: Porter-stem the ROUGE-L tokens.
+    em_normalize: the normalisation of exact match (:data:`EM_NORMALIZATIONS`;
+      ``'squad'`` by default).
+
+  Returns:
+    ``{'exact_match', 'token_f1', 'rouge_l'}`` (means in ``[0, 1]``),
+    ``{'cer', 'ter'}`` (``>= 0``) and ``'num_examples'``.
+
+  Raises:
+    ValueError: on empty input, mismatched lengths, non-str items or an
+      unknown ``em_normalize``.
+  """
+  return aggregate_generative(generative_scores(
+      predictions, references, use_stemmer=use_stemmer, em_normalize=em_normalize))

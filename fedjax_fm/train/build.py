@@ -72,6 +72,19 @@ def build_split(config, model) -> peft.Split:
 
 # ------------------------------------------------------------------- build
 
+def split_task_data(config, task_data: TaskData) -> TaskData:
+  """Each client's local test part (``eval.federated_test_fraction > 0``), seeded.
+
+  The held-out split itself (``data.eval_split``) is drawn in `build_task_data`,
+  before the partition; this splits the partitioned clients' examples.
+  """
+  if config.eval.federated_test_fraction:
+    train_ds, test_ds = evaluation.split_clients(
+        task_data.train, config.eval.federated_test_fraction, config.seed)
+    task_data = dataclasses.replace(task_data, train=train_ds, client_test=test_ds)
+  return task_data
+
+
 def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = None,
                      mesh=None, *, model=None, task_data: TaskData | None = None,
                      validate: bool = True) -> Experiment:
@@ -100,11 +113,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   if validate:
     config_lib.validate(config, num_devices=num_devices)
   if task_data is None:
-    task_data = build_task_data(config, workdir or '.')
-    if config.eval.federated_test_fraction:
-      train_ds, test_ds = evaluation.split_clients(
-          task_data.train, config.eval.federated_test_fraction, config.seed)
-      task_data = dataclasses.replace(task_data, train=train_ds, client_test=test_ds)
+    task_data = split_task_data(config, build_task_data(config, workdir or '.'))
   p = config.peft
   sparse_stage = p.method == 'slora' and model is None
   if model is None:
@@ -230,7 +239,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
                                   seed=config.seed, round_idx=round_idx)
     data = task_data.train.round_batch(ids, f.local_steps, f.batch_size, seed=config.seed,
                                        round_idx=round_idx, max_epochs=f.max_epochs,
-                                       pad_clients_to=padded_clients)
+                                       pad_clients_to=padded_clients,
+                                       shuffle=config.data.shuffle)
     if attack is not None:
       data['attacker'] = attackers[data['client_id']] & data['client_mask']
     if mesh is not None and jax.process_count() > 1:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_fm import checkpoint as checkpoint_lib
+from fedjax_fm import config as config_lib
 from fedjax_fm import data as data_lib
 from fedjax_fm import peft
 from fedjax_fm import prune as prune_lib
@@ -32,22 +33,56 @@ from fedjax_fm.train import logs
 from fedjax_fm.train.build import Experiment
 from fedjax_fm.train.build import build_experiment
 from fedjax_fm.train.evaluate import evaluate_clients
+from fedjax_fm.train.evaluate import PREDICTIONS_FILE
 from fedjax_fm.train.evaluate import generation_before_after
+from fedjax_fm.train.evaluate import record_predictions
+
+
+@dataclasses.dataclass
+class Clock:
+  """This process's share of a run's time (the earlier processes' come from the checkpoint)."""
+  start: float = dataclasses.field(default_factory=time.time)
+  build_s: float = 0.0       # data, tokenizer, model and round building
+  compile_s: float = 0.0     # compiling the rounds
+
+  def elapsed(self) -> float:
+    return time.time() - self.start
 
 
 @dataclasses.dataclass
 class RunRecord:
-  """What a run carries across rounds and stages (checkpointed as JSON extras)."""
+  """What a run carries across rounds, stages and resumes (checkpointed as JSON extras).
+
+  ``earlier`` holds the times of the processes that ran the rounds before this
+  one (``wall_s``, ``build_s``, ``compile_s``, each up to its last checkpoint);
+  `totals` adds this process's `Clock` to them.
+  """
   before: dict
   last_eval: dict
+  clock: Clock
   total_up: int = 0
   total_down: int = 0
-  compile_s: float = 0.0
   stage_after: dict = dataclasses.field(default_factory=dict)
+  earlier: dict = dataclasses.field(default_factory=dict)
+
+  def totals(self) -> dict:
+    """Wall, build and compile seconds of the whole run, over all its processes."""
+    e = self.earlier
+    return dict(wall_s=e.get('wall_s', 0.0) + self.clock.elapsed(),
+                build_s=e.get('build_s', 0.0) + self.clock.build_s,
+                compile_s=e.get('compile_s', 0.0) + self.clock.compile_s)
 
   def extras(self) -> dict:
     return dict(before=self.before, last_eval=self.last_eval, total_up=self.total_up,
-                total_down=self.total_down, stage_after=self.stage_after)
+                total_down=self.total_down, stage_after=self.stage_after, times=self.totals())
+
+  @classmethod
+  def restore(cls, extras: dict, clock: Clock) -> RunRecord:
+    """The record of a checkpoint's extras (those without times count them as 0)."""
+    return cls(before=extras['before'], last_eval=extras['last_eval'], clock=clock,
+               total_up=extras['total_up'], total_down=extras['total_down'],
+               stage_after=dict(extras.get('stage_after', {})),
+               earlier=dict(extras.get('times', {})))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -55,15 +90,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Writes ``workdir/metrics.jsonl`` (one JSON object per round),
   ``workdir/summary.json`` and orbax checkpoints under ``workdir/checkpoints``;
-  rerunning with the same workdir resumes from the latest checkpoint.
+  rerunning with the same workdir resumes from the latest checkpoint, and the
+  summary's totals (``total_time_s``: wall time from the start of `run`, data,
+  tokenizer and model building included; ``build_time_s``, ``compile_time_s``,
+  ``rounds``) cover every process of the run, each counted up to its last
+  checkpoint. Rerunning a finished run (its summary written at its last
+  checkpoint, ``num_rounds`` reached) changes nothing and returns its summary.
 
   Returns:
     The summary: held-out metrics before and after, totals and timings.
   """
-  t_start = time.time()
+  clock = Clock()
   os.makedirs(workdir, exist_ok=True)
+  summary_path = os.path.join(workdir, 'summary.json')
+  previous = _read_summary(summary_path)
+  finished = _finished_round(config, workdir, previous)
+  if finished is not None:
+    f = config.fl
+    config_lib.validate(config, num_devices=max(jax.device_count() // f.model_axis, 1)
+                        if f.strategy == 'sharded' else None)
+    logs.log(f'run already finished at round {finished}: nothing to do; summary in '
+             f'{summary_path}')
+    return previous
   # ---- build
+  t0 = time.time()
   exp = build_experiment(config, workdir)
+  clock.build_s += time.time() - t0
   _describe(exp)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   p = config.peft
@@ -85,15 +137,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       peft.slora.slora_stage2(model, deltas, p.rank, p.alpha,
                               target_modules=tuple(p.target_modules), dropout=p.dropout,
                               rngs=nnx.Rngs(config.seed + 2))
+      t0 = time.time()
       exp = build_experiment(config, workdir, model=model, task_data=exp.data,
                              validate=False)
+      clock.build_s += time.time() - t0
       logs.log(f'SLoRA stage 2: LoRA rank {p.rank} from the SVD of the stage-1 update, '
                f'{last - first} rounds')
     elif name == 'sparse':
       logs.log(f'SLoRA stage 1: sparse fine-tuning ({p.slora_density:.0%} of each target '
                f'kernel) for {last - first} rounds')
     state, frozen, record = _train_stage(exp, workdir, metrics_path, first, last, ckpt_dir,
-                                         record, accountant)
+                                         record, accountant, clock, previous)
     if len(stages) > 1:
       record.stage_after[name] = record.last_eval
 
@@ -116,23 +170,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           logs.log(f'personalised ({cfg.eval.personalize_steps} steps) per-client {metric}: '
                    + logs.fmt_metrics({k: v for k, v in dist.items()
                                        if k in ('mean', 'p10', 'worst')}))
-  generation = None
-  if exp.data.instructions is not None and cfg.data.generate_examples:
+  generation = heldout = None
+  if _generative(exp):
     generation = generation_before_after(exp, state.params, frozen, workdir)
+  else:   # classification: the final predictions, per client and group
+    heldout = record_predictions(exp, state.params, frozen, workdir, int(state.round))
 
   # ---- summary
   n_trainable = tree_util.tree_size(exp.split.trainable)
+  totals = record.totals()
   summary = {
-      'before': record.before, 'after': record.last_eval, 'rounds': cfg.num_rounds,
+      'before': record.before, 'after': record.last_eval, 'rounds': int(state.round),
       'trainable_params': n_trainable, 'frozen_params': tree_util.tree_size(exp.split.frozen),
       'uplink_bytes_total': record.total_up, 'downlink_bytes_total': record.total_down,
-      'compile_time_s': record.compile_s, 'total_time_s': time.time() - t_start,
+      'total_time_s': totals['wall_s'], 'build_time_s': totals['build_s'],
+      'compile_time_s': totals['compile_s'],
       'data': exp.data.description, 'final_round': int(state.round),
+      'num_clients': exp.data.train.num_clients,
+      'label_names': list(exp.data.label_names),
   }
   if 'sparse' in record.stage_after:
     summary['stage1_after'] = record.stage_after['sparse']
-  if generation is not None:   # {'generation': after, 'generation_before': before}
+  if generation is not None:   # {'generation': after, 'generation_before': before, ...}
     summary.update(generation)
+  if heldout:   # {'heldout_clients': ..., 'heldout_groups': ...}
+    summary.update(heldout)
   if federated is not None:
     summary['client_distribution'] = federated['distribution']
   if personal is not None:
@@ -143,12 +205,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary['noise_multiplier'] = accountant.noise_multiplier
     summary['dp_mechanism'] = cfg.privacy.mechanism
   if main_process:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
+    with open(summary_path, 'w') as fh:
       json.dump(summary, fh, indent=2)
   logs.log(f'held-out after {cfg.num_rounds} rounds: ' + logs.fmt_metrics(record.last_eval) +
            f' (before: {logs.fmt_metrics(record.before)}); uplink total '
            f'{logs.fmt_bytes(record.total_up)}; {summary["total_time_s"]:.0f}s')
   return summary
+
+
+def _generative(exp: Experiment) -> bool:
+  return exp.data.instructions is not None and bool(exp.config.data.generate_examples)
+
+
+def _read_summary(path: str) -> dict | None:
+  """The summary.json of an earlier process of the run, or None."""
+  try:
+    with open(path) as fh:
+      summary = json.load(fh)
+  except (OSError, json.JSONDecodeError):
+    return None
+  return summary if isinstance(summary, dict) else None
+
+
+def _finished_round(config: ml_collections.ConfigDict, workdir: str,
+                    previous: dict | None) -> int | None:
+  """The last round of a finished run in ``workdir``, or None.
+
+  Finished: its summary was written at its latest checkpoint, and that round
+  reaches ``config.num_rounds``. Reads only: nothing in ``workdir`` changes.
+  """
+  final = (previous or {}).get('final_round')
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if not isinstance(final, int) or final < config.num_rounds or not os.path.isdir(ckpt_dir):
+    return None
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir)
+  latest = ckpt.latest_round()
+  ckpt.close()
+  return final if latest == final else None
 
 
 def _describe(exp: Experiment) -> None:
@@ -166,8 +259,13 @@ def _describe(exp: Experiment) -> None:
 
 
 def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, last: int,
-                 ckpt_dir: str, record: RunRecord | None, accountant):
-  """Rounds ``first..last-1`` of a built experiment; returns (state, frozen view, record)."""
+                 ckpt_dir: str, record: RunRecord | None, accountant, clock: Clock,
+                 previous: dict | None):
+  """Rounds ``first..last-1`` of a built experiment; returns (state, frozen view, record).
+
+  ``previous`` is the summary an earlier process wrote (or None): resuming at
+  its final round (more rounds asked for), its whole wall time counts.
+  """
   main_process = sharding.is_main_process()   # logs, metrics and summary: process 0 only
   cfg, split, fed = exp.config, exp.split, exp.fed_round
 
@@ -182,18 +280,24 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
   if ckpt.latest_round() is not None:
     state, extras = ckpt.restore(state)
     start = int(state.round)
-    record = RunRecord(before=extras['before'], last_eval=extras['last_eval'],
-                       total_up=extras['total_up'], total_down=extras['total_down'],
-                       stage_after=dict(extras.get('stage_after', {})))
+    record = RunRecord.restore(extras, clock)
+    if previous is not None and previous.get('final_round') == start:
+      # The process that wrote the summary went on after this checkpoint (evaluation).
+      record.earlier['wall_s'] = max(record.earlier.get('wall_s', 0.0),
+                                     float(previous.get('total_time_s', 0.0)))
     logs.log(f'resumed from {ckpt.directory} at round {start}')
     if accountant is not None and start > accountant.rounds:
       accountant.step(start - accountant.rounds)
   elif record is None:   # the first stage of a new run
+    logs.log(f'no checkpoint found in {ckpt.directory}, starting fresh')
     before = exp.evaluate(split.trainable)
-    record = RunRecord(before=before, last_eval=before)
+    record = RunRecord(before=before, last_eval=before, clock=clock)
     logs.log('held-out before: ' + logs.fmt_metrics(before))
   if main_process:   # drop the records of rounds after `start` (a killed run's)
     logs.keep_records(metrics_path, start)
+    logs.keep_records(os.path.join(workdir, PREDICTIONS_FILE), start)
+  if start == 0 and _generative(exp):   # the untrained model's responses: round 0
+    record_predictions(exp, split.trainable, split.frozen, workdir, 0)
 
   # ---- rounds
   rounds = range(start, last)
@@ -211,7 +315,11 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
   # Per-client values are not private: under DP they are logged only when asked for.
   per_client_logged = not cfg.privacy.enabled or cfg.privacy.log_client_metrics
   with open(metrics_path if main_process else os.devnull, 'a') as out:
-    for r, data in zip(bar, data_lib.prefetch(exp.round_data(r) for r in rounds)):
+    ahead = cfg.data.get('prefetch', 2)   # rounds built and copied while one runs (0: off)
+    round_stream = (_on_device(exp, exp.round_data(r)) for r in rounds)
+    if ahead:
+      round_stream = data_lib.prefetch(round_stream, buffer_size=ahead)
+    for r, data in zip(bar, round_stream):
       mask_down = 0
       if prune_step is not None:
         state, changed = prune_step(state, r)
@@ -221,7 +329,7 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       if compiled is None:
         compiled = fed.apply.lower(state, frozen, data).compile()
         compile_s = time.time() - t0
-        record.compile_s += compile_s
+        clock.compile_s += compile_s
         t0 = time.time()
       state, m = compiled(state, frozen, data)
       m = sharding.to_host(m)
@@ -262,6 +370,9 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       if (r + 1) % cfg.eval.every == 0 or r + 1 == last:
         record.last_eval = exp.evaluate(state.params, fed.frozen_view(state, frozen))
         line['eval'] = record.last_eval
+        if _generative(exp):   # generated, saved to predictions.jsonl, scored
+          line['generation'] = record_predictions(
+              exp, state.params, fed.frozen_view(state, frozen), workdir, r + 1)['generation']
       out.write(json.dumps(line) + '\n')
       out.flush()
       if writer is not None:
@@ -284,6 +395,16 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
   if writer is not None:
     writer.close()
   return state, fed.frozen_view(state, frozen), record
+
+
+def _on_device(exp: Experiment, data: dict) -> dict:
+  """Starts copying a round's data to the devices (on the prefetch thread when it runs)."""
+  if jax.process_count() > 1:   # already global arrays (`sharding.global_round_data`)
+    return data
+  if exp.mesh is not None and exp.config.fl.strategy == 'sharded':
+    return jax.device_put(data, jax.sharding.NamedSharding(
+        exp.mesh, jax.sharding.PartitionSpec(sharding.CLIENTS)))
+  return jax.device_put(data)
 
 
 def _make_prune_step(cfg):
