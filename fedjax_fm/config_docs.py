@@ -43,9 +43,12 @@ FIELD_DOCS: dict[str, str] = {
     'model.dropout': 'dropout rate of the encoder / decoder during local training',
     'model.dtype': 'compute dtype: float32 | bfloat16 (mixed precision; params, updates and '
                    'aggregation stay float32)',
-    'model.scan_layers': 'scan the transformer layers with one lax.scan (compile time flat in '
-                         'depth)',
-    'model.remat': 'rematerialisation of each scanned layer: none | layer | dots',
+    'model.scan_layers':
+        'transformers: one lax.scan over the layers when they share one structure (the '
+        'layer is compiled once; same numbers as the loop)',
+    'model.remat':
+        'transformers: recompute each layer in the backward pass: none | layer (nothing '
+        'saved) | dots (projection matmuls saved)',
 
     # ---- peft
     'peft.method': 'trainable part: full | lora | slora | adapter | bitfit | ia3 | prompt | '

@@ -45,6 +45,8 @@ from fedjax_fm.models.layers import dropout
 from fedjax_fm.models.layers import embed
 from fedjax_fm.models.layers import linear
 from fedjax_fm.models.layers import linear_apply
+from fedjax_fm.models.scan import check_scan_fields
+from fedjax_fm.models.scan import scan_layers
 
 __all__ = [
     'ROPE_TYPES',
@@ -249,6 +251,14 @@ class DecoderConfig:
       means every layer (when ``sliding_window`` is set).
     local_rope_theta: RoPE base of the sliding-window layers (plain RoPE,
       Gemma3 ``rope_local_base_freq``); ``None`` = they use the global RoPE.
+    scan_layers: run the full-sequence forward as one ``lax.scan`` over the
+      stacked layers when they share one structure (the layer is compiled
+      once, whatever the depth); ``False``: a Python loop. Same numbers
+      either way.
+    remat: rematerialisation of each layer in the backward pass, one of
+      :data:`~fedjax_fm.models.scan.REMAT_POLICIES`: ``'none'``, ``'layer'``
+      (recompute everything inside a layer) or ``'dots'`` (keep the
+      projections' matmul results).
   """
 
   vocab_size: int = 256
@@ -281,6 +291,8 @@ class DecoderConfig:
   sliding_window: int | None = None
   sliding_layers: tuple[bool, ...] | None = None
   local_rope_theta: float | None = None
+  scan_layers: bool = True
+  remat: str = 'none'
 
   @property
   def head_dim(self) -> int:
@@ -397,6 +409,7 @@ class DecoderConfig:
             f'sliding_layers must be a tuple of {self.num_layers} bools (one '
             f'per layer), got {self.sliding_layers!r}'
         )
+    check_scan_fields(self)
     return self
 
 
@@ -773,7 +786,10 @@ class Decoder(nnx.Module):
         cache: the number of real tokens before each token (real cache slots
         plus real new tokens), so that padding does not shift positions.
       cache: optional :class:`KVCache`.
-      rngs: call-time rngs for dropout; ``None`` = deterministic.
+      rngs: call-time rngs for dropout; ``None`` = deterministic. Without a
+        cache each layer draws from its own key (one draw of the
+        ``dropout`` stream, split per layer), whether the layers are
+        scanned or looped (``config.scan_layers``).
 
     Returns:
       float32 logits ``[B, L, vocab_size]``; with a cache, ``(logits,
@@ -815,10 +831,16 @@ class Decoder(nnx.Module):
     query_slot = jnp.arange(t)
     masks = self._masks(query_slot, jnp.arange(t), real)
     cos, sin = self._rope_tables(positions)
-    mask_index, rope_index = cfg.layer_mask_index(), cfg.layer_rope_index()
-    for i, layer in enumerate(self.layers):
-      r = rope_index[i]
-      x = layer(x, masks[mask_index[i]], rope=(cos[r], sin[r]), rngs=rngs)
+
+    def block(layer, h, index, layer_rngs):
+      m, r = index
+      return layer(h, masks[m], rope=(cos[r], sin[r]), rngs=layer_rngs)
+
+    x = scan_layers(
+        self.layers, block, x,
+        (cfg.layer_mask_index(), cfg.layer_rope_index()),
+        scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
+    )
     return self._logits(x[:, nv:], rngs)
 
   def _masks(self, query_slot: jax.Array, key_slot: jax.Array,

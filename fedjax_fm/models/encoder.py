@@ -26,6 +26,8 @@ from fedjax_fm.models.layers import embed
 from fedjax_fm.models.layers import layer_norm
 from fedjax_fm.models.layers import linear
 from fedjax_fm.models.layers import linear_apply
+from fedjax_fm.models.scan import check_scan_fields
+from fedjax_fm.models.scan import scan_layers
 
 __all__ = [
     'EncoderConfig',
@@ -61,6 +63,11 @@ class EncoderConfig:
       (only active with call-time rngs).
     dtype: compute dtype.
     param_dtype: parameter dtype.
+    scan_layers: run the layers as one ``lax.scan`` over the stacked layers
+      when they share one structure; ``False``: a Python loop. Same numbers
+      either way.
+    remat: rematerialisation of each layer in the backward pass, one of
+      :data:`~fedjax_fm.models.scan.REMAT_POLICIES`.
   """
 
   vocab_size: int = 30522
@@ -77,6 +84,8 @@ class EncoderConfig:
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  scan_layers: bool = True
+  remat: str = 'none'
 
   @property
   def head_dim(self) -> int:
@@ -109,6 +118,7 @@ class EncoderConfig:
       )
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f'dropout must be in [0, 1), got {self.dropout}')
+    check_scan_fields(self)
     return self
 
 
@@ -226,7 +236,9 @@ class Encoder(nnx.Module):
       input_ids: ``[B, L]`` int token ids, ``L <= max_position``.
       attention_mask: ``[B, L]`` (1 = real token); default all ones.
       token_type_ids: ``[B, L]`` segment ids; default zeros.
-      rngs: call-time rngs (LoRA dropout); ``None`` = deterministic.
+      rngs: call-time rngs (LoRA dropout); ``None`` = deterministic. Each
+        layer draws from its own key (one draw of the ``dropout`` stream,
+        split per layer).
     """
     l = input_ids.shape[1]
     if l > self.config.max_position:
@@ -239,9 +251,11 @@ class Encoder(nnx.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = self.embeddings(input_ids, token_type_ids)
-    for layer in self.layers:
-      x = layer(x, attention_mask, rngs=rngs)
-    return x
+    cfg = self.config
+    return scan_layers(
+        self.layers, lambda layer, h, _, r: layer(h, attention_mask, rngs=r),
+        x, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
+    )
 
   def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Pools ``[B, L, H] -> [B, H]`` according to ``config.pooling``."""

@@ -41,6 +41,8 @@ from fedjax_fm.models.layers import embed
 from fedjax_fm.models.layers import layer_norm
 from fedjax_fm.models.layers import linear
 from fedjax_fm.models.layers import linear_apply
+from fedjax_fm.models.scan import check_scan_fields
+from fedjax_fm.models.scan import scan_layers
 
 __all__ = [
     'GPT2',
@@ -71,6 +73,11 @@ class GPT2Config:
     dropout: residual/embedding dropout rate (only with call-time rngs).
     dtype: compute dtype.
     param_dtype: parameter dtype.
+    scan_layers: run the full-sequence forward as one ``lax.scan`` over the
+      stacked layers when they share one structure; ``False``: a Python loop.
+      Same numbers either way.
+    remat: rematerialisation of each layer in the backward pass, one of
+      :data:`~fedjax_fm.models.scan.REMAT_POLICIES`.
   """
 
   vocab_size: int = 256
@@ -85,6 +92,8 @@ class GPT2Config:
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  scan_layers: bool = True
+  remat: str = 'none'
 
   @property
   def head_dim(self) -> int:
@@ -114,6 +123,7 @@ class GPT2Config:
       raise ValueError(f'norm_eps must be > 0, got {self.norm_eps}')
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f'dropout must be in [0, 1), got {self.dropout}')
+    check_scan_fields(self)
     return self
 
 
@@ -323,7 +333,8 @@ class GPT2(nnx.Module):
         not shift positions (as HF ``generate`` does); these stay below the
         cache length, hence below ``max_len``.
       cache: optional :class:`~fedjax_fm.models.decoder.KVCache`.
-      rngs: call-time rngs for dropout; ``None`` = deterministic.
+      rngs: call-time rngs for dropout; ``None`` = deterministic. Without a
+        cache each layer draws from its own key, as in the Decoder.
 
     Returns:
       float32 logits ``[B, L, vocab_size]``; with a cache, ``(logits,
@@ -360,8 +371,10 @@ class GPT2(nnx.Module):
     t = nv + l
     x = dropout(x, cfg.dropout, rngs)
     mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None] & real[:, None, :]
-    for layer in self.layers:
-      x = layer(x, mask, rngs=rngs)
+    x = scan_layers(
+        self.layers, lambda layer, h, _, r: layer(h, mask, rngs=r), x,
+        scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
+    )
     return self._logits(x[:, nv:], rngs)
 
   def _position_embeddings(self, positions: jax.Array) -> jax.Array:

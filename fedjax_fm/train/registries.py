@@ -57,10 +57,16 @@ def _dtype(m):
   return jnp.bfloat16 if m.dtype == 'bfloat16' else jnp.float32
 
 
+def _scan(m) -> dict[str, Any]:
+  """The layer-stack fields of the transformer configs (`models.scan`)."""
+  return dict(scan_layers=m.scan_layers, remat=m.remat)
+
+
 def _minilm(config, task_data):
   m = config.model
   model, _ = hf_load.load_minilm_encoder(task_data.num_labels, rngs_seed=config.seed,
-                                         pooling=m.pooling, dropout=m.dropout, dtype=_dtype(m))
+                                         pooling=m.pooling, dropout=m.dropout, dtype=_dtype(m),
+                                         **_scan(m))
   return model, models.classification_task()
 
 
@@ -87,7 +93,7 @@ def _encoder(config, task_data):
       vocab_size=_vocab(config, task_data), hidden_size=m.hidden_size,
       num_layers=m.num_layers, num_heads=m.num_heads, intermediate_size=m.mlp_dim,
       max_position=max(config.data.max_len, 16), num_labels=task_data.num_labels,
-      pooling=m.pooling, dropout=m.dropout, dtype=_dtype(m))
+      pooling=m.pooling, dropout=m.dropout, dtype=_dtype(m), **_scan(m))
   return models.Encoder(cfg, rngs=nnx.Rngs(config.seed)), models.classification_task()
 
 
@@ -97,7 +103,7 @@ def _decoder(config, task_data):
   cfg = models.DecoderConfig(
       vocab_size=_vocab(config, task_data), dim=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, mlp_dim=m.mlp_dim,
-      max_len=config.data.max_len + room, dtype=_dtype(m))
+      max_len=config.data.max_len + room, dtype=_dtype(m), **_scan(m))
   return models.Decoder(cfg, rngs=nnx.Rngs(config.seed)), task_of(config)
 
 
@@ -151,7 +157,8 @@ _GGUF_BLOCK = re.compile(r'model\.layers\.(\d+)\.')
 
 
 @functools.lru_cache(maxsize=1)
-def _read_gguf(path: str, dtype: str, max_len: int, keep_layers: int):
+def _read_gguf(path: str, dtype: str, max_len: int, keep_layers: int,
+               scan_layers: bool = True, remat: str = 'none'):
   """(graphdef, state, tokenizer, metadata) of a GGUF file; the last one stays in memory."""
   from fedjax_fm.hf import configs as hf_configs  # pylint: disable=g-import-not-at-top
   from fedjax_fm.hf import gguf  # pylint: disable=g-import-not-at-top
@@ -161,7 +168,8 @@ def _read_gguf(path: str, dtype: str, max_len: int, keep_layers: int):
   compute = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
   if not keep_layers:
     model, tokenizer, info = gguf.load_gguf(path, dtype=compute, param_dtype=jnp.float32,
-                                            max_len=max_len)
+                                            max_len=max_len, scan_layers=scan_layers,
+                                            remat=remat)
     metadata = info.metadata
   else:   # the first blocks only: the others are neither dequantized nor built
     ckpt = gguf.read_gguf(path, dequantize=False)
@@ -175,7 +183,7 @@ def _read_gguf(path: str, dtype: str, max_len: int, keep_layers: int):
                if not (m := _GGUF_BLOCK.match(name)) or int(m.group(1)) < keep_layers}
     cfg = hf_configs.decoder_config_from_hf(
         dict(ckpt.hf_config, num_hidden_layers=keep_layers), dtype=compute,
-        param_dtype=jnp.float32, max_len=max_len)
+        param_dtype=jnp.float32, max_len=max_len, scan_layers=scan_layers, remat=remat)
     model = build_and_load(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0)),
                            lambda m: hf_weights.load_llama_into(m, tensors))
     tokenizer = gguf.gguf_tokenizer(metadata)
@@ -208,7 +216,8 @@ def load_pretrained_decoder(config) -> Pretrained:
   room = config.peft.num_virtual_tokens if config.peft.method == 'prompt' else 0
   room += config.data.generate_max_tokens
   graphdef, state, tokenizer, metadata = _read_gguf(
-      os.path.abspath(path), m.dtype, config.data.max_len + room, m.keep_layers)
+      os.path.abspath(path), m.dtype, config.data.max_len + room, m.keep_layers,
+      m.scan_layers, m.remat)
   tokens = metadata.get('tokenizer.ggml.tokens') or ()
 
   def special(key):
