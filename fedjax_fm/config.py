@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.0,
       dtype='float32',          # compute dtype of the model (bfloat16: mixed precision;
                                 # params, client updates and aggregation stay float32)
-      scan_layers=True,         # transformers: one lax.scan over same-structure layers
+      scan_layers=False,        # transformers: one lax.scan over same-structure layers
       remat='none',             # transformers: recompute per layer: none | layer | dots
   ))
   c.peft = ml_collections.ConfigDict(dict(

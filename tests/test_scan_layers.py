@@ -154,7 +154,7 @@ def outputs(family, **fields):
 
 @pytest.mark.parametrize('family', list(CONFIGS))
 def test_scanned_forward_and_lora_grads_equal_loop(family):
-  jaxpr, (logits, loss, grads) = outputs(family)
+  jaxpr, (logits, loss, grads) = outputs(family, scan_layers=True)
   loop_jaxpr, (logits_l, loss_l, grads_l) = outputs(family, scan_layers=False)
   assert 'scan' in primitives(jaxpr)
   assert 'scan' not in primitives(loop_jaxpr)
@@ -195,7 +195,7 @@ def test_grads_under_vmap_over_lora_clients():
   """As the engine: per-client LoRA states vmapped, the base shared."""
   family = 'gemma_sliding'
   batch = batch_of(family)
-  _, scanned = lora_split(family)
+  _, scanned = lora_split(family, scan_layers=True)
   _, looped = lora_split(family, scan_layers=False)
   f_scan, f_loop = mean_loss(scanned, family, batch), mean_loss(looped, family, batch)
   clients = [jax.tree.map(lambda x, c=c: x * (1.0 + 0.5 * c), scanned.trainable)
@@ -326,7 +326,7 @@ def test_bad_scan_fields_raise_naming_the_field(cls):
 
 def test_experiment_config_validates_and_reaches_the_models():
   c = config_lib.base_config()
-  assert c.model.scan_layers is True and c.model.remat == 'none'
+  assert c.model.scan_layers is False and c.model.remat == 'none'
   for remat in scan_lib.REMAT_POLICIES:   # the config allows exactly the models' values
     c.model.remat = remat
     config_lib.validate(c)
@@ -359,4 +359,4 @@ def test_hf_config_translation_takes_the_scan_fields():
   gpt2 = hf_configs.gpt2_config_from_hf(
       {'model_type': 'gpt2', 'vocab_size': 32, 'n_embd': 16, 'n_layer': 2,
        'n_head': 2, 'n_positions': 16}, remat='dots')
-  assert gpt2.remat == 'dots' and gpt2.scan_layers
+  assert gpt2.remat == 'dots' and not gpt2.scan_layers

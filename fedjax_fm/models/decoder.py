@@ -291,7 +291,7 @@ class DecoderConfig:
   sliding_window: int | None = None
   sliding_layers: tuple[bool, ...] | None = None
   local_rope_theta: float | None = None
-  scan_layers: bool = True
+  scan_layers: bool = False
   remat: str = 'none'
 
   @property

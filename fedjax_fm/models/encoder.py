@@ -84,7 +84,7 @@ class EncoderConfig:
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  scan_layers: bool = True
+  scan_layers: bool = False
   remat: str = 'none'
 
   @property

@@ -92,7 +92,7 @@ class GPT2Config:
   dropout: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  scan_layers: bool = True
+  scan_layers: bool = False
   remat: str = 'none'
 
   @property

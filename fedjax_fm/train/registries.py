@@ -158,7 +158,7 @@ _GGUF_BLOCK = re.compile(r'model\.layers\.(\d+)\.')
 
 @functools.lru_cache(maxsize=1)
 def _read_gguf(path: str, dtype: str, max_len: int, keep_layers: int,
-               scan_layers: bool = True, remat: str = 'none'):
+               scan_layers: bool = False, remat: str = 'none'):
   """(graphdef, state, tokenizer, metadata) of a GGUF file; the last one stays in memory."""
   from fedjax_fm.hf import configs as hf_configs  # pylint: disable=g-import-not-at-top
   from fedjax_fm.hf import gguf  # pylint: disable=g-import-not-at-top
