@@ -116,7 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl = ml_collections.ConfigDict(dict(
       clients_per_round=10, local_steps=4, batch_size=8, max_epochs=1,
       strategy='chunked',
-      chunk_size=5,          # clients per vmapped chunk; 0: largest fitting memory_budget_mb
+      # clients per vmapped chunk (per device for sharded); 0: automatic, at most the
+      # backend's measured sweet spot and fitting memory_budget_mb (engine.memory)
+      chunk_size=0,
       memory_budget_mb=0,    # with chunk_size=0 (0: 2 GiB)
       prox_mu=0.0,
       model_axis=1,          # sharded: devices per client group holding the FSDP'd base

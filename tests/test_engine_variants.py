@@ -108,3 +108,71 @@ class UplinkChainVariantsTest(chex.TestCase):
     with self.assertRaisesRegex(AssertionError, "uplink step 'flatten'"):
       self.variant(bad.apply)(jax.random.key(0), update, jnp.float32(1.0),
                               bad.init(update), {})
+
+
+class TreeStatsTest(parameterized.TestCase):
+  """`uplink.tree_stats` (one fused reduction) against NumPy, leaf by leaf."""
+
+  def _tree(self, rng, dtype=jnp.float32):
+    return {'w': jnp.asarray(rng.normal(size=(6, 5)), dtype),
+            'b': jnp.asarray(rng.normal(size=(5,)), dtype),
+            'h': [jnp.asarray(rng.normal(size=(2, 3, 4)), dtype)]}
+
+  @staticmethod
+  def _np_stats(tree):
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    sq = sum(float(np.sum(x * x)) for x in leaves)
+    finite = all(bool(np.all(np.isfinite(x))) for x in leaves)
+    return sq, finite
+
+  @parameterized.parameters(jnp.float32, jnp.bfloat16)
+  def test_norm_and_finite_match_numpy(self, dtype):
+    tree = self._tree(np.random.default_rng(0), dtype)
+    sq, _ = self._np_stats(tree)
+    rtol = 1e-6 if dtype == jnp.float32 else 1e-2
+    for fn in (uplink.tree_norm, jax.jit(uplink.tree_norm)):
+      np.testing.assert_allclose(float(fn(tree)), np.sqrt(sq), rtol=rtol)
+    np.testing.assert_allclose(
+        [float(v) for v in uplink.tree_norms(tree, jax.tree.map(lambda x: 2 * x, tree))],
+        [np.sqrt(sq), 2 * np.sqrt(sq)], rtol=rtol)
+    self.assertTrue(bool(jax.jit(uplink.tree_all_finite)(tree)))
+
+  @parameterized.parameters(np.nan, np.inf, -np.inf)
+  def test_one_nonfinite_entry_is_found(self, bad):
+    tree = self._tree(np.random.default_rng(1))
+    tree['h'][0] = tree['h'][0].at[1, 2, 3].set(bad)
+    self.assertFalse(bool(jax.jit(uplink.tree_all_finite)(tree)))
+
+  def test_huge_finite_values_are_finite(self):
+    """Their squares overflow float32; the check does not (it is not a sum of squares)."""
+    tree = {'w': jnp.full((4,), 3e38, jnp.float32), 'b': jnp.full((2,), -3e38, jnp.float32)}
+    self.assertTrue(bool(jax.jit(uplink.tree_all_finite)(tree)))
+
+  def test_under_vmap_with_mapped_and_broadcast_leaves(self):
+    rng = np.random.default_rng(2)
+    mapped = jnp.asarray(rng.normal(size=(7, 3, 4)), jnp.float32)   # 7 clients
+    shared = jnp.asarray(rng.normal(size=(5,)), jnp.float32)        # the same for all
+    mapped = mapped.at[4, 0, 1].set(jnp.inf)
+
+    def stats(m):
+      tree = {'m': m, 's': shared}
+      return uplink.tree_norm(tree), uplink.tree_all_finite(tree)
+    norms, finite = jax.jit(jax.vmap(stats))(mapped)
+    for c in range(7):
+      sq, ok = self._np_stats({'m': mapped[c], 's': shared})
+      self.assertEqual(bool(finite[c]), ok)
+      if ok:
+        np.testing.assert_allclose(float(norms[c]), np.sqrt(sq), rtol=1e-6)
+    # Nested: a vmap over settings of a vmap over clients.
+    nested_norms, nested_finite = jax.jit(jax.vmap(jax.vmap(stats)))(
+        jnp.stack([mapped, 2 * mapped]))
+    for c in range(7):
+      sq, ok = self._np_stats({'m': 2 * mapped[c], 's': shared})
+      self.assertEqual(bool(nested_finite[1, c]), ok)
+      if ok:
+        np.testing.assert_allclose(float(nested_norms[1, c]), np.sqrt(sq), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(nested_finite[0]), np.asarray(finite))
+
+  def test_empty_tree(self):
+    self.assertEqual(float(uplink.tree_norm({})), 0.0)
+    self.assertTrue(bool(uplink.tree_all_finite({'a': jnp.zeros((0,))})))

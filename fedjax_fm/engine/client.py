@@ -42,7 +42,8 @@ def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransfor
     ``example_mask [S, B]`` and ``step_mask [S]``; a masked step leaves the
     params and optimizer state untouched, so padding never changes the result.
     ``delta = local_params - global_params``; metrics are the mean training
-    loss over real steps, the number of real steps and examples.
+    loss over real steps (summed in float32), the number of real steps and
+    examples.
   """
 
   def objective(params, global_params, frozen, batch, example_mask, key):
@@ -59,10 +60,14 @@ def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransfor
     """One client's local training; ``masks`` (bool tree) pins pruned weights to 0."""
     opt_state = client_optimizer.init(global_params)
     num_steps = data['step_mask'].shape[0]
+    steps_data = jax.tree.map(jnp.asarray,
+                              (data['batch'], data['example_mask'], data['step_mask']))
 
-    def step(carry, xs):
-      params, opt_state = carry
-      batch, example_mask, step_mask, s = xs
+    def step(carry, s):
+      params, opt_state, loss_sum = carry
+      # The step indexes its data rather than scanning over it: under vmap the
+      # clients axis stays leading, and the round's data is never transposed.
+      batch, example_mask, step_mask = jax.tree.map(lambda a: a[s], steps_data)
       (_, loss), grads = grad_fn(params, global_params, frozen, batch, example_mask,
                                  jax.random.fold_in(key, s))
       if masks is not None:   # federated pruning: pruned weights get no gradient...
@@ -73,14 +78,15 @@ def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransfor
         new_params = jax.tree.map(lambda p, m: jnp.where(m, p, 0), new_params, masks)
       params = tree_util.tree_select(step_mask, new_params, params)
       opt_state = tree_util.tree_select(step_mask, new_opt_state, opt_state)
-      return (params, opt_state), jnp.where(step_mask, loss, 0.0)
+      loss_sum = loss_sum + jnp.where(step_mask, loss, 0.0).astype(jnp.float32)
+      return (params, opt_state, loss_sum), None
 
-    xs = (data['batch'], data['example_mask'], data['step_mask'], jnp.arange(num_steps))
-    (params, _), losses = jax.lax.scan(step, (global_params, opt_state), xs)
+    carry = (global_params, opt_state, jnp.zeros((), jnp.float32))
+    (params, _, loss_sum), _ = jax.lax.scan(step, carry, jnp.arange(num_steps))
     delta = tree_util.tree_sub(params, global_params)
     real_steps = jnp.sum(data['step_mask'].astype(jnp.float32))
     metrics = {
-        'loss': jnp.sum(losses) / jnp.maximum(real_steps, 1.0),
+        'loss': loss_sum / jnp.maximum(real_steps, 1.0),
         'steps': real_steps,
         'examples': jnp.sum(data['example_mask'].astype(jnp.float32)),
     }

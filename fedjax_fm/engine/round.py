@@ -98,7 +98,7 @@ def build_round(loss_fn: client_lib.LossFn,
                 server_optimizer: optax.GradientTransformation | Callable,
                 num_clients: int,
                 strategy: str = 'chunked',
-                chunk_size: int | None = None,
+                chunk_size: int | str | None = None,
                 mesh=None,
                 prox_mu: float = 0.0,
                 aggregator: aggregate_base.Aggregator | None = None,
@@ -126,7 +126,10 @@ def build_round(loss_fn: client_lib.LossFn,
     num_clients: total clients in the population (size of the per-client store).
     strategy: ``vmap``, ``chunked`` or ``sharded``.
     chunk_size: clients per vmapped chunk (``chunked`` / per device for
-      ``sharded``); default all clients (per device).
+      ``sharded``). ``None`` (the default), ``0`` or ``'auto'``: the automatic
+      size, the largest divisor of the clients (per device) within the
+      backend's measured sweet spot (`fedjax_fm.engine.memory.auto_chunk_size`;
+      `fedjax_fm.train` also bounds it by a memory budget and pads the round).
     mesh: device mesh with a ``clients`` axis for ``sharded`` (default: all
       local devices).
     prox_mu: FedProx coefficient (0 = FedAvg local objective).
@@ -180,6 +183,7 @@ def build_round(loss_fn: client_lib.LossFn,
   """
   if strategy not in strategies.STRATEGIES:
     raise ValueError(f'strategy {strategy!r} is unknown; allowed: {strategies.STRATEGIES}')
+  strategies.resolve_chunk_size(chunk_size, 1, 'cpu')   # validates it
   distributed = getattr(privacy, 'distributed', None) if privacy is not None else None
   if distributed is not None:
     if compressor is not None:
@@ -273,7 +277,7 @@ def build_round(loss_fn: client_lib.LossFn,
     update_fn = client_update or client_lib.make_client_update(
         loss_fn, client_factory(x['hparams']), prox_mu)
     delta, metrics = update_fn(params, frozen, x['data'], train_key, masks)
-    metrics['update_norm'] = tree_util.tree_norm(delta)
+    metrics['update_norm'] = uplink_lib.tree_norm(delta)
     update, weight, client_state, step_metrics = uplink.apply(
         encode_key, delta, x['weight'], x['client_state'], x['inputs'])
     metrics.update(step_metrics)
@@ -288,7 +292,7 @@ def build_round(loss_fn: client_lib.LossFn,
       first = jax.tree.map(lambda a: a[0], x['data'])
       grads = jax.grad(client_lib.masked_mean_loss, argnums=1)(
           loss_fn, params, frozen, first['batch'], first['example_mask'], train_key)
-      ok = metrics['finite'] & tree_util.tree_all_finite(grads)
+      ok = metrics['finite'] & uplink_lib.tree_all_finite(grads)
       grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
       contrib['scores'] = (grads, jnp.where(ok, weight, 0.0))
     return contrib, outputs
@@ -404,6 +408,7 @@ def build_round(loss_fn: client_lib.LossFn,
     fmask = mask.astype(jnp.float32)
     ok = mask & cm['finite'] & jnp.isfinite(cm['loss'])   # clients counted in the loss
     n = jnp.sum(fmask)
+    update_norm, param_norm = uplink_lib.tree_norms(mean_delta, params)   # one reduction
     metrics = {
         'train_loss': jnp.sum(jnp.where(ok, cm['loss'], 0.0)) / jnp.maximum(jnp.sum(ok), 1),
         'client_loss': cm['loss'],
@@ -415,8 +420,8 @@ def build_round(loss_fn: client_lib.LossFn,
         'steps': jnp.sum(cm['steps'] * fmask),
         'uplink_bytes': n * float(uplink_bytes),
         'downlink_bytes': n * float(downlink_bytes),
-        'update_norm': tree_util.tree_norm(mean_delta),
-        'param_norm': tree_util.tree_norm(params),
+        'update_norm': update_norm,
+        'param_norm': param_norm,
         'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
     }
     metrics.update(agg_info)

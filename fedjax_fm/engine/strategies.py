@@ -7,7 +7,8 @@ in how the axis is executed:
 
 * ``vmap``: all clients at once (memory O(C)).
 * ``chunked``: a ``lax.scan`` over chunks of K clients, each chunk vmapped,
-  carrying the accumulator (memory O(K)).
+  carrying the accumulator (memory O(K)). K defaults to the automatic size
+  (`fedjax_fm.engine.memory.auto_chunk_size`: a measured sweet spot).
 * ``sharded``: ``jax.shard_map`` over the ``clients`` axis of a device mesh;
   each device runs ``chunked`` on its clients, then the accumulators are
   ``psum``-ed.
@@ -25,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+
+from fedjax_fm.engine import memory
 
 
 class Reducer(NamedTuple):
@@ -104,8 +107,23 @@ def run_sharded(per_client, reducer: Reducer, broadcast, frozen, xs, chunk_size:
   return fn(broadcast, frozen, xs)
 
 
+def resolve_chunk_size(chunk_size: int | str | None, clients: int, platform: str) -> int:
+  """The chunk size a strategy runs: ``chunk_size``, or the automatic one.
+
+  ``None``, ``0`` and ``'auto'`` select `fedjax_fm.engine.memory.auto_chunk_size`
+  for ``clients`` (per device) on ``platform``, as a divisor of ``clients``
+  (the round is not padded here).
+  """
+  if chunk_size is None or chunk_size == 0 or chunk_size == 'auto':
+    return memory.auto_chunk_size(max(clients, 1), platform=platform, divides=True)
+  if isinstance(chunk_size, str) or int(chunk_size) < 1:
+    raise ValueError(f'chunk_size={chunk_size!r} is invalid: a positive number of clients, '
+                     f'or 0 / None / "auto" for the automatic size')
+  return int(chunk_size)
+
+
 def run_clients(strategy: str, per_client: Callable, reducer: Reducer, broadcast, frozen,
-                xs: Any, *, chunk_size: int | None = None, mesh: Mesh | None = None):
+                xs: Any, *, chunk_size: int | str | None = None, mesh: Mesh | None = None):
   """Runs ``per_client`` over the clients axis with the named strategy.
 
   Args:
@@ -116,7 +134,7 @@ def run_clients(strategy: str, per_client: Callable, reducer: Reducer, broadcast
     frozen: the frozen base (replicated, or sharded over other mesh axes).
     xs: per-client inputs with a leading clients axis (``xs['weight']`` sizes it).
     chunk_size: clients per vmapped chunk (``chunked``; per device for
-      ``sharded``); default: all (per device).
+      ``sharded``); ``None``, ``0`` or ``'auto'``: `resolve_chunk_size`.
     mesh: a mesh with a ``clients`` axis for ``sharded`` (default: local devices).
 
   Returns:
@@ -128,10 +146,11 @@ def run_clients(strategy: str, per_client: Callable, reducer: Reducer, broadcast
     return run_vmap(per_client, reducer, broadcast, frozen, xs)
   if strategy == 'chunked':
     return run_chunked(per_client, reducer, broadcast, frozen, xs,
-                       chunk_size or num_clients)
+                       resolve_chunk_size(chunk_size, num_clients, jax.default_backend()))
   if strategy == 'sharded':
     mesh = mesh if mesh is not None else clients_mesh()
     local_clients = num_clients // mesh.shape[CLIENTS_AXIS]
+    platform = mesh.devices.flat[0].platform
     return run_sharded(per_client, reducer, broadcast, frozen, xs,
-                       chunk_size or max(local_clients, 1), mesh)
+                       resolve_chunk_size(chunk_size, local_clients, platform), mesh)
   raise ValueError(f'strategy {strategy!r} is unknown; allowed: {STRATEGIES}')

@@ -33,8 +33,8 @@ from typing import Any, Callable, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 
-from fedjax_fm import tree_util
 from fedjax_fm.aggregate import attacks as attacks_lib
 from fedjax_fm.compress import base as compress_base
 
@@ -49,6 +49,84 @@ class UplinkStep(NamedTuple):
   apply: Callable[..., tuple[Any, jax.Array, Any, dict]]
   name: str = ''
   encodes: bool = False
+
+
+def flatten(tree) -> jax.Array:
+  """Every entry of every leaf in one vector, in the leaves' common dtype."""
+  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros((0,), jnp.float32)
+  dtype = jnp.result_type(*leaves)
+  leaves = [x.astype(dtype) for x in leaves]
+  return leaves[0] if len(leaves) == 1 else jnp.concatenate(leaves)
+
+
+def _stats_of(v: jax.Array, axis: int):
+  """``(sum of squares in float32, largest magnitude)`` of ``v`` along ``axis``."""
+  sq = jnp.sum(jnp.square(v.astype(jnp.float32)), axis=axis)
+  return sq, jnp.max(jnp.abs(v), axis=axis)
+
+
+@custom_batching.custom_vmap
+def _tree_stats(leaves: list) -> tuple[jax.Array, jax.Array]:
+  return _stats_of(flatten(leaves), 0)
+
+
+@_tree_stats.def_vmap
+def _tree_stats_vmap(axis_size, in_batched, leaves):
+  # Mapped over clients, the entries are laid out [entries, clients]: the
+  # concatenate is then along the major axis and XLA fuses it (with whatever
+  # computes the leaves, e.g. local - global) into the two reductions.
+  dtype = jnp.result_type(*leaves)
+  columns = []
+  for x, batched in zip(leaves, in_batched[0]):
+    x = x.astype(dtype)
+    if batched:
+      columns.append(jnp.moveaxis(x, 0, -1).reshape(-1, axis_size))
+    else:
+      columns.append(jnp.broadcast_to(x.reshape(-1, 1), (x.size, axis_size)))
+  v = columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=0)
+  return _stats_of(v, 0), (True, True)
+
+
+def tree_stats(tree) -> tuple[jax.Array, jax.Array]:
+  """``(squared L2 norm in float32, largest magnitude)`` of a pytree, in one pass.
+
+  Written leaf by leaf, a reduction over a pytree compiles to a kernel or two
+  per leaf; here it is one fused concatenate-and-reduce for any number of
+  leaves (also under ``vmap``, where the flattened entries are laid out with
+  the mapped axis minor), which keeps the compile time of the round flat in
+  the number of trainable leaves. Two calls on the same tree are one
+  computation after XLA's common-subexpression elimination.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not leaves or not sum(x.size for x in leaves):
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+  return _tree_stats(leaves)
+
+
+def tree_norm(tree) -> jax.Array:
+  """Global L2 norm (float32): `fedjax_fm.tree_util.tree_norm` as one reduction."""
+  return jnp.sqrt(tree_stats(tree)[0])
+
+
+def tree_norms(*trees) -> list[jax.Array]:
+  """Global L2 norms (float32) of trees; one reduction when their sizes agree."""
+  flats = [flatten(t).astype(jnp.float32) for t in trees]
+  if len({v.size for v in flats}) != 1:
+    return [jnp.sqrt(jnp.sum(v * v)) for v in flats]
+  v = jnp.stack(flats)
+  return list(jnp.sqrt(jnp.sum(v * v, axis=1)))
+
+
+def tree_all_finite(tree) -> jax.Array:
+  """Scalar bool: no entry of the tree is NaN or infinite.
+
+  One reduction (`tree_stats`): the largest magnitude is finite exactly when
+  every entry is (``max`` propagates NaN, and unlike a sum of squares it
+  cannot overflow).
+  """
+  return jnp.isfinite(tree_stats(tree)[1])
 
 
 def _no_state(params_like):
@@ -110,12 +188,14 @@ def guard_nonfinite(keep_weight: bool = False) -> UplinkStep:
       calibrated to it: a weight of 0 would shrink the denominator and raise
       every other client's sensitivity.
 
-  Reports ``finite``.
+  Reports ``finite``. The check is one reduction over the whole update
+  (`tree_all_finite`), and the zeroing is elementwise, so it fuses with what
+  reads the update next (the aggregator).
   """
 
   def apply(key, update, weight, state, inputs):
     del key, inputs
-    finite = tree_util.tree_all_finite(update)
+    finite = tree_all_finite(update)
     update = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), update)
     if not keep_weight:
       weight = jnp.where(finite, weight, 0.0)

@@ -217,19 +217,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   groups = mesh.shape['clients'] if f.strategy == 'sharded' else 1
   chunk_size = f.chunk_size
   if f.strategy != 'vmap' and chunk_size == 0:
-    # Largest chunk whose compiled round fits the memory budget (XLA's analysis).
-    per_group = -(-f.clients_per_round // groups)
-    sample = task_data.train.round_batch(
-        np.arange(per_group * groups) % task_data.train.num_clients, f.local_steps,
-        f.batch_size, seed=config.seed)
-    like = memory_lib.shapes_of(sample)
-    state_like = jax.eval_shape(make_round(1).init, split.trainable, jax.random.key(0))
-    budget = (f.memory_budget_mb or 2048) * 2**20
-    chunk_size = memory_lib.choose_chunk_size(make_round, state_like,
-                                              memory_lib.shapes_of(split.frozen), like,
-                                              budget, clients_per_device=per_group)
-    log(f'chunk_size={chunk_size}: the largest fitting {budget / 2**20:.0f} MiB of '
-        f'temporaries per device')
+    chunk_size = _auto_chunk_size(config, task_data, split, loss_fn, client_tx, make_round,
+                                  groups, mesh)
   fed_round = make_round(chunk_size)
   multiple = 1 if f.strategy == 'vmap' else chunk_size * groups
   padded_clients = -(-f.clients_per_round // multiple) * multiple
@@ -260,6 +249,45 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
   return Experiment(config=config, data=task_data, split=split, task=task,
                     fed_round=fed_round, evaluate=evaluate, round_data=round_data,
                     mesh=mesh, accountant=accountant)
+
+
+def _auto_chunk_size(config, task_data, split, loss_fn, client_tx, make_round, groups, mesh):
+  """``fl.chunk_size=0``: the backend's sweet spot, within ``fl.memory_budget_mb`` per device.
+
+  `fedjax_fm.engine.memory.auto_chunk_size` with a per-client memory bound
+  that costs no compilation (`memory.client_bytes_bound` of one client's local
+  training); only when that bound does not fit the sweet spot in the budget
+  are the round's exact coefficients measured (two compilations of XLA's
+  memory analysis).
+  """
+  f = config.fl
+  per_group = -(-f.clients_per_round // groups)
+  platform = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
+  budget = (f.memory_budget_mb or 2048) * 2**20
+  sample = memory_lib.shapes_of(task_data.train.round_batch(
+      np.arange(4 * groups) % task_data.train.num_clients, f.local_steps, f.batch_size,
+      seed=config.seed))
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                     {k: sample[k] for k in ('batch', 'example_mask', 'step_mask')})
+  bound = memory_lib.client_bytes_bound(
+      engine.make_client_update(loss_fn, client_tx, f.prox_mu), split.trainable,
+      memory_lib.shapes_of(split.frozen), one, jax.random.key(0))
+  bound += 4 * sum(x.size * x.dtype.itemsize   # delta and uplink copies
+                   for x in jax.tree.leaves(split.trainable))
+  spot = memory_lib.auto_chunk_size(per_group, platform=platform, work_bytes=bound)
+  chunk = memory_lib.auto_chunk_size(per_group, platform=platform, work_bytes=bound,
+                                     per_client_bytes=bound, budget_bytes=budget)
+  how = 'sweet spot' if memory_lib.sweet_spot(platform) else 'all clients'
+  if chunk < spot:   # the bound is loose: XLA's own analysis of the compiled round
+    state_like = jax.eval_shape(make_round(1).init, split.trainable, jax.random.key(0))
+    base, per_client = memory_lib.memory_coefficients(
+        make_round, state_like, memory_lib.shapes_of(split.frozen), sample)
+    chunk = memory_lib.auto_chunk_size(per_group, platform=platform, work_bytes=bound,
+                                       per_client_bytes=per_client, base_bytes=base,
+                                       budget_bytes=budget)
+    how = f'{budget / 2**20:.0f} MiB of temporaries per device'
+  log(f'chunk_size={chunk} (automatic: {how}; {per_group} clients per device)')
+  return chunk
 
 
 def build_compressors(config):
