@@ -133,8 +133,8 @@ FIELD_DOCS: dict[str, str] = {
     'fl.max_epochs': 'most passes over a client\'s data within one round',
     'fl.strategy': 'execution of the clients axis: vmap | chunked (scan over chunks) | '
                    'sharded (over devices)',
-    'fl.chunk_size': 'chunked / sharded: clients per vmapped chunk (0: largest fitting '
-                     'memory_budget_mb)',
+    'fl.chunk_size': 'chunked / sharded: clients per vmapped chunk (0: automatic, at most '
+                     'the backend\'s measured sweet spot and fitting memory_budget_mb)',
     'fl.memory_budget_mb': 'chunk_size=0: memory budget of a chunk in MiB (0: 2 GiB)',
     'fl.prox_mu': 'FedProx proximal term weight (0: plain FedAvg local training)',
     'fl.model_axis': 'sharded: devices per client group holding the FSDP-sharded base',
