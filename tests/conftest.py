@@ -7,6 +7,32 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
+
+def _shared_compilation_cache() -> None:
+  """One persistent XLA cache for the whole test session.
+
+  The first process to load this file (pytest itself, or the xdist controller)
+  makes a fresh directory; the workers and every subprocess a test starts
+  inherit it through the environment, so a program compiled by one test is
+  loaded, not recompiled, by the next that builds the same one (the tiny
+  configs share many). Fresh per session, removed at its end: no test sees a
+  cache from an earlier run. ``FEDJAX_FM_TEST_CACHE=0`` turns it off.
+  """
+  if os.environ.get('FEDJAX_FM_TEST_CACHE', '1') == '0' or 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    return
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  directory = tempfile.mkdtemp(prefix='fedjax_fm_test_xla_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = directory
+  # Programs that compile in under half a second are cheaper to recompile than to
+  # serialise; the rest are the MiniLM and decoder rounds the slow tests repeat.
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
+_shared_compilation_cache()
+
 import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 

@@ -191,7 +191,17 @@ def test_padding_never_changes_result(strategy, chunk):
   assert float(m_pad['examples']) == float(data['example_mask'].sum())
 
 
+@pytest.fixture
+def no_persistent_cache():
+  """Compilations counted here must not be served from the tests' shared cache."""
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  yield
+  jax.config.update('jax_enable_compilation_cache', before)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures('no_persistent_cache')
 def test_rounds_do_not_recompile():
   traces = []
 

@@ -88,6 +88,7 @@ def test_adaptive_clipping_needs_count_noise_above_half_the_budget():
   config_lib.validate(_dp_config(adaptive=True, clipped_count_stddev=0.6), num_devices=1)
 
 
+@pytest.mark.slow
 def test_adaptive_clip_count_is_noised_and_the_budget_split(tmp_path):
   """The clip norm after a round depends on the noise on the count (it did not when
   the count was released exactly), and the updates get z_delta > z."""
@@ -120,6 +121,7 @@ def test_dp_runs_keep_per_client_values_out_of_the_logs(tmp_path):
       assert 'epsilon' in r
 
 
+@pytest.mark.slow
 def test_secure_mean_masks_are_fresh_every_round(monkeypatch):
   """With the same updates in two rounds, the masked vectors the server sees differ
   by more than the plain updates do: masks come from the round's key and the

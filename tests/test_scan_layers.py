@@ -152,7 +152,8 @@ def outputs(family, **fields):
   return jax.make_jaxpr(run)(split.trainable), jax.jit(run)(split.trainable)
 
 
-@pytest.mark.parametrize('family', list(CONFIGS))
+@pytest.mark.parametrize('family', [f if f == 'gpt2' else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in CONFIGS])
 def test_scanned_forward_and_lora_grads_equal_loop(family):
   jaxpr, (logits, loss, grads) = outputs(family, scan_layers=True)
   loop_jaxpr, (logits_l, loss_l, grads_l) = outputs(family, scan_layers=False)
@@ -177,7 +178,7 @@ def _remat_reference():
 
 
 @pytest.mark.parametrize('scan', [True, pytest.param(False, marks=pytest.mark.slow)])
-@pytest.mark.parametrize('remat', ['layer', 'dots'])
+@pytest.mark.parametrize('remat', ['layer', pytest.param('dots', marks=pytest.mark.slow)])
 def test_remat_policy_keeps_loss_and_grads(remat, scan):
   family = 'gemma_sliding'
   _, split = lora_split(family, scan_layers=scan, remat=remat)
@@ -191,6 +192,7 @@ def test_remat_policy_keeps_loss_and_grads(remat, scan):
   assert_trees_close(grads, grads_r)
 
 
+@pytest.mark.slow
 def test_grads_under_vmap_over_lora_clients():
   """As the engine: per-client LoRA states vmapped, the base shared."""
   family = 'gemma_sliding'
@@ -248,7 +250,8 @@ def test_heterogeneous_layers_fall_back_to_the_loop():
   assert_trees_close(grad_a, grad_b)
 
 
-@pytest.mark.parametrize('family', ['llama', pytest.param('encoder', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['llama', 'encoder'])
 def test_dropout_scanned_equals_loop_and_trains(family):
   """Each layer gets its own key in both modes; the key changes the loss."""
   batch = batch_of(family)

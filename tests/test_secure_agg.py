@@ -116,7 +116,7 @@ def test_fixed_point_scale_no_overflow():
     sa.quantize(x, 1.0, 2.0 ** 32)
 
 
-@pytest.mark.parametrize('bits', [1, 31])
+@pytest.mark.parametrize('bits', [pytest.param(1, marks=pytest.mark.slow), 31])
 def test_masks_mod_2_to_the_b(bits):
   """With modulus 2^b every masked value is in [0, 2^b), the unmasked sum of the
   survivors is exact mod 2^b, and the masked values' top bit is uniform."""

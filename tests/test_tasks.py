@@ -48,6 +48,7 @@ def test_features_classification():
   assert np.abs(np.asarray(k1) - np.asarray(det)).max() > 1e-5
 
 
+@pytest.mark.slow
 def test_classification_task_with_encoder():
   cfg = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4,
                       intermediate_size=32, max_position=20, num_labels=3)
