@@ -3,7 +3,8 @@
 Saved: every field of the `ServerState` (trainable params, server optimizer
 state, the per-client store, the PRNG key as raw key data, the round counter,
 and the state of optional parts: adaptive clip, downlink view, pruning masks,
-the merged base update of LoRA ``stack``), and a small JSON of host-side
+the merged base update of LoRA ``stack``, SCAFFOLD's server control variate
+``control``; the client variates are in ``client_store['scaffold']``), and a small JSON of host-side
 extras (e.g. the privacy accountant's rounds). Orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save never
 leaves a checkpoint that restores half-written; `latest_round` only sees

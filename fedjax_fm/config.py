@@ -25,7 +25,7 @@ INSTRUCTION_TEMPLATES = ('alpaca', 'short', 'chat')      # chat: the model's cha
 EVAL_SPLITS = ('examples', 'clients', 'group')   # the held-out split (data.eval_split)
 EM_NORMALIZATIONS = ('squad', 'strip', 'none')   # exact match's normalisation
 SECTIONS = ('model', 'peft', 'data', 'fl', 'client_optimizer', 'server_optimizer', 'eval',
-            'checkpoint', 'privacy', 'aggregator', 'attack', 'compress', 'prune')
+            'checkpoint', 'privacy', 'aggregator', 'attack', 'compress', 'prune', 'zo')
 ATTACKS = ('none', 'sign_flip', 'scale', 'noise', 'nan')
 INSTRUCTION_PARTITIONS = ('natural', 'dirichlet', 'iid')   # natural: one client per category
 
@@ -75,6 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
       num_virtual_tokens=8,            # prompt / prefix tuning (decoder)
       slora_stage1_rounds=5,           # slora: rounds of sparse fine-tuning first
       slora_density=0.05,              # slora: fraction of each target kernel trained
+      # Heterogeneous LoRA ranks (peft.hetlora; peft.rank is the maximum): none | uniform
+      # (each client one of `ranks`, equally likely) | tiers (`rank_fractions` of the
+      # clients at each of `ranks`); a client's rank is fixed by (seed, client id).
+      rank_distribution='none', ranks=(), rank_fractions=(),
+      hetlora_gamma=0.9, hetlora_lambda=0.0,   # HetLoRA rank self-pruning regulariser
   ))
   c.data = ml_collections.ConfigDict(dict(
       source='stdlib_docs', task='classification',
@@ -122,6 +127,18 @@ def base_config() -> ml_collections.ConfigDict:
       memory_budget_mb=0,    # with chunk_size=0 (0: 2 GiB)
       prox_mu=0.0,
       model_axis=1,          # sharded: devices per client group holding the FSDP'd base
+      # fedavg (FedProx with prox_mu > 0) | fednova (Wang et al. 2020, normalised
+      # averaging) | scaffold (Karimireddy et al. 2020, option II control variates)
+      # | fedkseed / fedkseed_pro (Qin et al. 2024, zeroth-order with K seeds: config.zo)
+      algorithm='fedavg',
+      # system heterogeneity (engine.heterogeneity), seeded per (round, client):
+      # step budgets none | uniform (in [step_budget_min, local_steps]) | lognormal
+      # (step_budget_sigma) | tiers (fractions of local_steps, a fixed tier per client)
+      step_budget='none', step_budget_min=1, step_budget_sigma=0.5,
+      step_budget_tiers=(1.0, 0.5, 0.25),
+      dropout=0.0,           # probability that a client's update never arrives
+      deadline=0.0,          # round deadline in step units (0: none); speeds ~ exp(speed_sigma z)
+      speed_sigma=0.5,
   ))
   c.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-3, momentum=0.9, weight_decay=0.0))
@@ -178,6 +195,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune = ml_collections.ConfigDict(dict(
       enabled=False, initial_sparsity=0.0, final_sparsity=0.9, begin_round=0,
       end_round=0, every=5, regrow_fraction=0.0, min_size=256))
+  # Zeroth-order federated fine-tuning, fl.algorithm="fedkseed" / "fedkseed_pro" (Qin et
+  # al. 2024): K candidate seeds fixed for the run; each local step draws one, estimates
+  # the directional derivative by two forward passes (step client_optimizer.learning_rate,
+  # plain SGD) and sends (seed, scalar); payload "pairs" (the paper's) or "accumulator"
+  # (K per-seed sums).
+  c.zo = ml_collections.ConfigDict(dict(num_seeds=4096, eps=5e-4, payload='pairs'))
   return c
 
 
@@ -294,6 +317,171 @@ def _validate_skellam(c) -> None:
                'between its stages')
 
 
+# ---------------------------------------------------------------- heterogeneous LoRA ranks
+RANK_DISTRIBUTIONS = ('none', 'uniform', 'tiers')
+
+
+def _validate_hetlora(c) -> None:
+  """peft.rank_distribution and the combinations heterogeneous ranks support."""
+  p = c.peft
+  _one_of(c, 'peft.rank_distribution', RANK_DISTRIBUTIONS)
+  _float_range(c, 'peft.hetlora_gamma', 0.0, 1.0, lo_open=True, hi_open=True)
+  _float_range(c, 'peft.hetlora_lambda', 0.0)
+  if p.method in ('lora', 'slora') and p.lora_aggregation == 'hetlora':
+    if c.privacy.enabled:
+      raise _err('peft.lora_aggregation', 'hetlora', 'with privacy.enabled only "fedit" '
+                 'and "ffa" are accounted: HetLoRA weights clients by the norms of their '
+                 'updates, which breaks the uniform weights DP-FedAvg\'s sensitivity needs')
+    if c.aggregator.name != 'mean':
+      raise _err('peft.lora_aggregation', 'hetlora',
+                 'is itself the aggregator: use aggregator.name="mean"')
+    if c.fl.get('algorithm', 'fedavg') != 'fedavg':
+      raise _err('peft.lora_aggregation', 'hetlora', f'not with fl.algorithm='
+                 f'{c.fl.algorithm!r}: it weights clients by their update norms, not the '
+                 'plain mean that algorithm is defined for')
+  if p.rank_distribution == 'none':
+    for field in ('ranks', 'rank_fractions'):
+      if tuple(p[field]):
+        raise _err(f'peft.{field}', tuple(p[field]), 'is read only with '
+                   'peft.rank_distribution in ("uniform", "tiers")')
+    if p.hetlora_lambda:
+      raise _err('peft.hetlora_lambda', p.hetlora_lambda, 'the rank self-pruning '
+                 'regulariser needs heterogeneous ranks: set peft.rank_distribution')
+    return
+  why = 'heterogeneous LoRA ranks'
+  if p.method != 'lora':
+    raise _err('peft.method', p.method, f'{why} (peft.rank_distribution='
+               f'{p.rank_distribution!r}) mask the factors of peft.method="lora"')
+  ranks = tuple(p.ranks)
+  if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= p.rank
+                      for r in ranks):
+    raise _err('peft.ranks', ranks, f'must be a non-empty tuple of ints in [1, peft.rank='
+               f'{p.rank}] (peft.rank is the maximum rank)')
+  fractions = tuple(p.rank_fractions)
+  if p.rank_distribution == 'uniform' and fractions:
+    raise _err('peft.rank_fractions', fractions, 'is read only with '
+               'peft.rank_distribution="tiers" ("uniform": every rank equally likely)')
+  if p.rank_distribution == 'tiers' and (
+      len(fractions) != len(ranks)
+      or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 0
+             for f in fractions)
+      or abs(sum(fractions) - 1.0) > 1e-6):
+    raise _err('peft.rank_fractions', fractions, f'must be {len(ranks)} positive numbers '
+               'summing to 1, one per entry of peft.ranks')
+  if c.privacy.enabled:
+    raise _err('privacy.enabled', True, f'not with {why}: the server reads what a client '
+               'did not send as 0, a shift of its update that its clip does not bound')
+  for field in ('uplink', 'downlink'):
+    if c.compress[field] != 'identity':
+      raise _err(f'compress.{field}', c.compress[field], f'not with {why}: a compressor\'s '
+                 'payload is measured on the max-rank arrays, not on a client\'s rank')
+  if c.aggregator.name != 'mean':
+    raise _err('aggregator.name', c.aggregator.name, f'not with {why}: a robust rule sees '
+               'the zero-padded components of low-rank clients as outliers; use "mean" '
+               '(the LoRA mode aggregates)')
+  if c.attack.kind != 'none':
+    raise _err('attack.kind', c.attack.kind, f'not with {why}: attacks are simulated '
+               'against the robust aggregators, which heterogeneous ranks do not support')
+  if c.prune.enabled:
+    raise _err('prune.enabled', True, f'not with {why}: pruning masks and rank masks would '
+               'share one mask and the byte count of the pruned uplink')
+  if c.fl.get('algorithm', 'fedavg') != 'fedavg':
+    raise _err('peft.rank_distribution', p.rank_distribution, f'not with fl.algorithm='
+               f'{c.fl.algorithm!r}: per-client rank masks zero-pad what a client does not '
+               'send, which that algorithm\'s messages do not model')
+  if p.lora_aggregation == 'ffa' and p.hetlora_lambda:
+    raise _err('peft.hetlora_lambda', p.hetlora_lambda, 'the self-pruning penalty reads '
+               'lora_a, which peft.lora_aggregation="ffa" freezes')
+
+
+FL_ALGORITHMS = ('fedavg', 'fednova', 'scaffold', 'fedkseed', 'fedkseed_pro')
+
+
+def _validate_heterogeneity(c) -> None:
+  """``fl.algorithm`` and the system heterogeneity fields, and what they combine with."""
+  from fedjax_fm.engine import heterogeneity  # pylint: disable=g-import-not-at-top
+  f = c.fl
+  _one_of(c, 'fl.algorithm', FL_ALGORITHMS)
+  _one_of(c, 'fl.step_budget', heterogeneity.STEP_BUDGETS)
+  _int_range(c, 'fl.step_budget_min', 1, f.local_steps, 'config.fl.local_steps')
+  _float_range(c, 'fl.step_budget_sigma', 0.0)
+  tiers = f.step_budget_tiers
+  if (isinstance(tiers, str) or not isinstance(tiers, Sequence) or not tiers
+      or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1
+             for t in tiers)):
+    raise _err('fl.step_budget_tiers', tiers, 'must be a non-empty tuple of fractions of '
+               'config.fl.local_steps in (0, 1]')
+  _float_range(c, 'fl.dropout', 0.0, 1.0, hi_open=True)
+  _float_range(c, 'fl.deadline', 0.0)
+  _float_range(c, 'fl.speed_sigma', 0.0)
+  if c.privacy.enabled and c.privacy.mechanism == 'skellam' and (f.dropout or f.deadline):
+    field = 'dropout' if f.dropout else 'deadline'
+    raise _err(f'fl.{field}', f[field], 'with privacy.mechanism="skellam" each client adds '
+               'its share of the noise for clients_per_round clients: clients that do not '
+               'report would leave the sum under-noised')
+  algo = f.algorithm
+  if algo in ('fedavg',) + ZO_ALGORITHMS:   # FedKSeed: _validate_zo
+    return
+  why = {'fednova': 'FedNova normalises and rescales the plain mean of the updates',
+         'scaffold': 'SCAFFOLD sends a second message (Delta c_i)'}[algo]
+  if c.privacy.enabled:
+    raise _err('privacy.enabled', True, f'not with fl.algorithm={algo!r}: {why} that the '
+               'clipping and noise do not cover ('
+               + ('the scalar ||a_i||_1 and the tau_eff rescaling of the noised mean)'
+                  if algo == 'fednova' else 'the control variate update is unclipped)'))
+  for field in ('uplink', 'downlink'):
+    if c.compress[field] != 'identity':
+      raise _err(f'compress.{field}', c.compress[field], f'not with fl.algorithm={algo!r}: '
+                 'compression of its messages is not defined here; use "identity"')
+  if c.aggregator.name != 'mean':
+    raise _err('aggregator.name', c.aggregator.name, f'fl.algorithm={algo!r} is defined for '
+               'the mean of the updates: use "mean"')
+  if c.attack.kind != 'none':
+    raise _err('attack.kind', c.attack.kind, f'not with fl.algorithm={algo!r}: a simulated '
+               'attacker would corrupt only part of what the client sends')
+  if c.prune.enabled:
+    raise _err('prune.enabled', True, f'not with fl.algorithm={algo!r} (not defined here)')
+  if c.peft.get('rank_distribution', 'none') != 'none':
+    raise _err('peft.rank_distribution', c.peft.rank_distribution,
+               f'not with fl.algorithm={algo!r}: per-client rank masks zero-pad what a client '
+               'does not send, which its normalisation / control variates do not model')
+  if c.peft.method in ('lora', 'slora') and c.peft.lora_aggregation not in ('fedit', 'ffa'):
+    raise _err('peft.lora_aggregation', c.peft.lora_aggregation,
+               f'not with fl.algorithm={algo!r}: it needs the plain mean of what clients '
+               'send ("fedit" or "ffa")')
+  if c.server_optimizer.name != 'fedavg':
+    raise _err('server_optimizer.name', c.server_optimizer.name,
+               f'fl.algorithm={algo!r} updates x <- x + eta_g Delta as in its paper: use '
+               '"fedavg" (server_optimizer.learning_rate is eta_g)')
+  co = c.client_optimizer
+  if co.weight_decay:
+    raise _err('client_optimizer.weight_decay', co.weight_decay,
+               f'must be 0 with fl.algorithm={algo!r}: ' +
+               ('the normalisation ||a_i||_1 is of plain or momentum SGD steps'
+                if algo == 'fednova' else 'the local step is plain SGD'))
+  if algo == 'fednova':
+    if co.name not in ('sgd', 'momentum'):
+      raise _err('client_optimizer.name', co.name, 'fl.algorithm="fednova" normalises by '
+                 'the coefficients of SGD or momentum SGD: use "sgd" or "momentum"')
+    if co.name == 'momentum' and f.prox_mu:
+      raise _err('fl.prox_mu', f.prox_mu, 'fl.algorithm="fednova" with FedProx needs '
+                 'client_optimizer.name="sgd" (the coefficients of momentum SGD on the '
+                 'proximal objective are not implemented)')
+    if f.prox_mu and not co.learning_rate * f.prox_mu < 1:
+      raise _err('fl.prox_mu', f.prox_mu, 'fl.algorithm="fednova" needs '
+                 'client_optimizer.learning_rate * fl.prox_mu < 1')
+  else:
+    if co.name != 'sgd':
+      raise _err('client_optimizer.name', co.name, 'fl.algorithm="scaffold" is defined for '
+                 'SGD local steps (option II divides by K * eta_l): use "sgd"')
+    if f.prox_mu:
+      raise _err('fl.prox_mu', f.prox_mu, 'must be 0 with fl.algorithm="scaffold" (its '
+                 'control variates already correct the client drift)')
+    if c.peft.method == 'slora':
+      raise _err('peft.method', 'slora', 'not with fl.algorithm="scaffold": SLoRA changes '
+                 'the trainable set (and the control variates\' shape) between its stages')
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Checks every field; raises `ConfigError` naming the first bad one.
 
@@ -401,6 +589,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       except re.error as e:
         raise _err('peft.target_modules', pattern, f'not a valid regex ({e})') from None
 
+  _validate_hetlora(c)
+
   # data
   d = c.data
   _one_of(c, 'data.source', DATA_SOURCES)
@@ -504,6 +694,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _float_range(c, 'fl.prox_mu', 0.0)
   _int_range(c, 'fl.model_axis', 1)
   _int_range(c, 'fl.memory_budget_mb', 0)
+  _validate_heterogeneity(c)
   if f.strategy in ('chunked', 'sharded'):
     _int_range(c, 'fl.chunk_size', 0, f.clients_per_round,
                'config.fl.clients_per_round')
@@ -631,3 +822,73 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.attack.kind != 'none' and not c.attack.fraction:
     raise _err('attack.fraction', c.attack.fraction,
                f'must be > 0 when attack.kind={c.attack.kind!r}')
+  _validate_zo(c)
+
+
+# ---------------------------------------------------------------- zeroth-order (FedKSeed)
+ZO_ALGORITHMS = ('fedkseed', 'fedkseed_pro')
+ZO_PAYLOADS = ('pairs', 'accumulator')
+
+
+def _validate_zo(c) -> None:
+  """``config.zo`` and what ``fl.algorithm="fedkseed"`` / ``"fedkseed_pro"`` combine with.
+
+  The update a FedKSeed client sends is a list of (seed, scalar) pairs, and the
+  clients sync by replaying the seeds' accumulated scalars: everything defined on
+  model deltas (clipping, compressors, robust rules, attacks, pruning masks, server
+  optimizers) has nothing to act on, or would break the replay.
+  """
+  z = c.zo
+  _int_range(c, 'zo.num_seeds', 1)
+  _float_range(c, 'zo.eps', 0.0, lo_open=True)
+  _one_of(c, 'zo.payload', ZO_PAYLOADS)
+  algo = c.fl.algorithm
+  if algo not in ZO_ALGORITHMS:
+    return
+  why = f'not with fl.algorithm={algo!r}'
+  if algo == 'fedkseed_pro' and z.payload != 'pairs':
+    raise _err('zo.payload', z.payload, 'fl.algorithm="fedkseed_pro" weighs the seeds by '
+               'the amplitude of single-step scalars, which only zo.payload="pairs" sends')
+  if c.privacy.enabled:
+    raise _err('privacy.enabled', True, f'{why}: the clients send scalars along shared '
+               'perturbations, which DP-FedAvg\'s clipping and noise of model deltas do not '
+               'bound (not accounted here)')
+  for field in ('uplink', 'downlink'):
+    if c.compress[field] != 'identity':
+      raise _err(f'compress.{field}', c.compress[field], f'{why}: the payload is already '
+                 '(seed, scalar) pairs and the downlink the seeds\' K scalars; use "identity"')
+  if c.aggregator.name != 'mean':
+    raise _err('aggregator.name', c.aggregator.name, f'{why}: the server averages the '
+               'per-seed scalars (a robust rule over model deltas has none to see); use "mean"')
+  if c.attack.kind != 'none':
+    raise _err('attack.kind', c.attack.kind, f'{why}: attacks are simulated on model '
+               'deltas, which FedKSeed clients do not send')
+  if c.prune.enabled:
+    raise _err('prune.enabled', True, f'{why}: a perturbation of every weight cannot keep '
+               'pruned weights at 0')
+  co = c.client_optimizer
+  if co.name != 'sgd':
+    raise _err('client_optimizer.name', co.name, f'{why}: the local step is w <- w - lr g z '
+               '(plain SGD on the two-point estimate), which the seed replay assumes; use "sgd"')
+  if co.weight_decay:
+    raise _err('client_optimizer.weight_decay', co.weight_decay, f'must be 0 {why[4:]}: the '
+               'seed replay rebuilds the model from the scalars alone')
+  so = c.server_optimizer
+  if so.name != 'fedavg' or so.learning_rate != 1.0:
+    field = 'name' if so.name != 'fedavg' else 'learning_rate'
+    raise _err(f'server_optimizer.{field}', so[field], f'{why}: clients sync by replaying '
+               'the averaged scalars, so the server update is their plain mean: '
+               'server_optimizer.name="fedavg" with learning_rate=1.0')
+  if c.fl.prox_mu:
+    raise _err('fl.prox_mu', c.fl.prox_mu, f'must be 0 {why[4:]}: the proximal term needs '
+               'a gradient the zeroth-order step does not compute')
+  p = c.peft
+  if p.method == 'slora':
+    raise _err('peft.method', 'slora', f'{why}: SLoRA\'s sparse first stage masks the '
+               'gradient of a first-order step')
+  if p.method == 'lora' and p.lora_aggregation not in ('fedit', 'ffa'):
+    raise _err('peft.lora_aggregation', p.lora_aggregation, f'{why}: the server takes the '
+               'plain mean of the trained factors; use "fedit" or "ffa"')
+  if p.get('rank_distribution', 'none') != 'none':
+    raise _err('peft.rank_distribution', p.rank_distribution, f'{why}: heterogeneous rank '
+               'masks are not applied to the perturbations')

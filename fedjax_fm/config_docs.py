@@ -60,11 +60,21 @@ FIELD_DOCS: dict[str, str] = {
     'peft.extra_trainable': 'module names or regexes trained in full beside the PEFT '
                             'parameters (e.g. the classifier head)',
     'peft.lora_aggregation': 'server aggregation of LoRA: fedit (A, B averaged) | ffa (A '
-                             'frozen) | product (SVD of mean B.A) | stack (merged into base)',
+                             'frozen) | product (SVD of mean B.A) | stack (merged into base)'
+                             ' | hetlora (HetLoRA sparsity-weighted, zero-padded)',
     'peft.adapter_bottleneck': 'adapter: Houlsby bottleneck width',
     'peft.num_virtual_tokens': 'prompt / prefix: virtual tokens trained per sequence',
     'peft.slora_stage1_rounds': 'slora: rounds of sparse fine-tuning before LoRA starts',
     'peft.slora_density': 'slora: fraction of each target kernel trained in stage 1',
+    # heterogeneous LoRA ranks (peft.hetlora)
+    'peft.rank_distribution': 'lora: per-client ranks: none | uniform (over peft.ranks) | '
+                              'tiers (peft.rank_fractions of the clients at each rank)',
+    'peft.ranks': 'lora: the client ranks (each <= peft.rank, the maximum)',
+    'peft.rank_fractions': 'tiers: fraction of the clients at each of peft.ranks (sum 1)',
+    'peft.hetlora_gamma': 'HetLoRA self-pruning: decay factor; the penalised tail is the '
+                          'components floor(gamma r) .. r',
+    'peft.hetlora_lambda': 'HetLoRA self-pruning: weight of ||A_tail|| ||B_tail|| in the '
+                           'local loss (0: off)',
 
     # ---- data
     'data.source': 'stdlib_docs | synthetic | tfds | jsonl | csv | text | instructions | '
@@ -138,6 +148,23 @@ FIELD_DOCS: dict[str, str] = {
     'fl.memory_budget_mb': 'chunk_size=0: memory budget of a chunk in MiB (0: 2 GiB)',
     'fl.prox_mu': 'FedProx proximal term weight (0: plain FedAvg local training)',
     'fl.model_axis': 'sharded: devices per client group holding the FSDP-sharded base',
+    # ---- algorithms and system heterogeneity (engine.fednova, engine.scaffold,
+    # engine.heterogeneity)
+    'fl.algorithm': 'fedavg (FedProx with prox_mu > 0) | fednova (normalised averaging, '
+                    'Wang et al. 2020) | scaffold (control variates, option II, Karimireddy '
+                    'et al. 2020) | fedkseed / fedkseed_pro (zeroth-order with K seeds, Qin et '
+                    'al. 2024: config.zo)',
+    'fl.step_budget': 'local steps each client completes: none (all) | uniform | lognormal | '
+                      'tiers',
+    'fl.step_budget_min': 'fewest steps a step budget gives a client (1..local_steps)',
+    'fl.step_budget_sigma': 'lognormal budget: round(local_steps * exp(sigma z - sigma^2/2)), '
+                            'clipped to [step_budget_min, local_steps]',
+    'fl.step_budget_tiers': 'tiers budget: fractions of local_steps; each client has one tier '
+                            'for the run',
+    'fl.dropout': 'probability per client and round that its update never arrives',
+    'fl.deadline': 'round deadline in step units: a client completes at most '
+                   'floor(deadline * speed) steps (0: no deadline)',
+    'fl.speed_sigma': 'deadline: client speeds exp(speed_sigma z), fixed per client',
 
     # ---- optimizers
     'client_optimizer.name': 'local optimizer: sgd | momentum | adam (fresh state every '
@@ -238,6 +265,14 @@ FIELD_DOCS: dict[str, str] = {
     'prune.regrow_fraction': 'after end_round: fraction of pruned weights regrown by '
                              'gradient score (0: off)',
     'prune.min_size': 'tensors with fewer elements (or fewer than 2 dims) are never pruned',
+
+    # ---- zeroth-order federated fine-tuning (fl.algorithm="fedkseed"; engine.zeroth_order)
+    'zo.num_seeds': 'fedkseed: K, the candidate seeds fixed for the run (each a shared '
+                    'perturbation of the trainable params)',
+    'zo.eps': 'fedkseed: perturbation scale of the two-point estimate '
+              '(L(w + eps z) - L(w - eps z)) / (2 eps)',
+    'zo.payload': 'fedkseed uplink: pairs (int16/int32 seed + float32 scalar per local step, '
+                  'the paper\'s) | accumulator (K float32 per-seed sums)',
 }
 
 

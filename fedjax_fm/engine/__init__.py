@@ -1,6 +1,10 @@
 """The vectorised federated round: client training, strategies, server update."""
 
 from fedjax_fm.engine import uplink
+from fedjax_fm.engine import fednova
+from fedjax_fm.engine import heterogeneity
+from fedjax_fm.engine import scaffold
+from fedjax_fm.engine import zeroth_order
 from fedjax_fm.engine.client import make_client_update
 from fedjax_fm.engine.client import masked_mean_loss
 from fedjax_fm.engine.optimizers import CLIENT_OPTIMIZERS

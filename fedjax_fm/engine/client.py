@@ -27,7 +27,7 @@ def masked_mean_loss(loss_fn: LossFn, params, frozen, batch, example_mask, key):
 
 
 def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransformation,
-                       prox_mu: float = 0.0):
+                       prox_mu: float = 0.0, regularizer: Callable | None = None):
   """Builds ``client_update(global_params, frozen, data, key) -> (delta, metrics)``.
 
   Args:
@@ -36,6 +36,8 @@ def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransfor
     prox_mu: FedProx proximal coefficient: the local objective gets
       ``prox_mu / 2 * ||params - global_params||^2`` (Li et al. 2020,
       https://arxiv.org/abs/1812.06127). 0 gives FedAvg.
+    regularizer: optional ``regularizer(params, masks) -> scalar`` added to the
+      local objective (e.g. `fedjax_fm.peft.hetlora.self_pruning_penalty`).
 
   Returns:
     The client update. ``data`` holds ``batch`` (leaves ``[S, B, ...]``),
@@ -46,18 +48,24 @@ def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransfor
     examples.
   """
 
-  def objective(params, global_params, frozen, batch, example_mask, key):
+  def objective(params, global_params, frozen, batch, example_mask, key, masks=None):
     loss = masked_mean_loss(loss_fn, params, frozen, batch, example_mask, key)
     total = loss
     if prox_mu:
       diff = tree_util.tree_sub(params, global_params)
       total = loss + 0.5 * prox_mu * tree_util.tree_vdot(diff, diff)
+    if regularizer is not None:
+      total = total + regularizer(params, masks)
     return total, loss
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def client_update(global_params, frozen, data, key, masks=None):
-    """One client's local training; ``masks`` (bool tree) pins pruned weights to 0."""
+  def client_update(global_params, frozen, data, key, masks=None, correction=None):
+    """One client's local training; ``masks`` (bool tree) pins pruned weights to 0.
+
+    ``correction`` (a tree like the params, optional): added to every local
+    gradient before the optimizer (SCAFFOLD's ``c - c_i``).
+    """
     opt_state = client_optimizer.init(global_params)
     num_steps = data['step_mask'].shape[0]
     steps_data = jax.tree.map(jnp.asarray,
@@ -69,7 +77,9 @@ def make_client_update(loss_fn: LossFn, client_optimizer: optax.GradientTransfor
       # clients axis stays leading, and the round's data is never transposed.
       batch, example_mask, step_mask = jax.tree.map(lambda a: a[s], steps_data)
       (_, loss), grads = grad_fn(params, global_params, frozen, batch, example_mask,
-                                 jax.random.fold_in(key, s))
+                                 jax.random.fold_in(key, s), masks)
+      if correction is not None:   # SCAFFOLD: g - c_i + c
+        grads = jax.tree.map(lambda g, c: g + c.astype(g.dtype), grads, correction)
       if masks is not None:   # federated pruning: pruned weights get no gradient...
         grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0), grads, masks)
       updates, new_opt_state = client_optimizer.update(grads, opt_state, params)

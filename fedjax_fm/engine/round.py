@@ -34,6 +34,8 @@ from fedjax_fm.compress import base as compress_base
 from fedjax_fm.engine import client as client_lib
 from fedjax_fm.engine import strategies
 from fedjax_fm.engine import uplink as uplink_lib
+from fedjax_fm.engine import fednova as fednova_lib
+from fedjax_fm.engine import scaffold as scaffold_lib
 
 
 class DownlinkState(NamedTuple):
@@ -63,6 +65,7 @@ class ServerState(NamedTuple):
   prune: Any = ()        # PruneState
   base_delta: Any = ()   # an aggregator's merged base update (LoRA ``stack``)
   hparams: Any = ()      # {name: float32 scalar} read by optimizer factories
+  control: Any = ()      # SCAFFOLD: the server's control variate c (like the params)
 
 
 class Pruning(NamedTuple):
@@ -109,7 +112,12 @@ def build_round(loss_fn: client_lib.LossFn,
                 adaptive_clip: Any = None,
                 attack: tuple[str, float] | None = None,
                 guard_nonfinite: bool = True,
-                donate: bool = False) -> FederatedRound:
+                fednova: fednova_lib.FedNova | None = None,
+                scaffold: scaffold_lib.Scaffold | None = None,
+                donate: bool = False,
+                client_masks: Callable[[jax.Array], Any] | None = None,
+                client_regularizer: Callable[[Any, Any], jax.Array] | None = None,
+                ) -> FederatedRound:
   """Builds a federated round.
 
   Args:
@@ -169,6 +177,29 @@ def build_round(loss_fn: client_lib.LossFn,
     guard_nonfinite: drop (weight 0) any client whose decoded update has a NaN
       or Inf, so it never reaches the model; counted in the metrics.
     donate: donate the server state's buffers to the round.
+    fednova: FedNova normalised averaging (`fedjax_fm.engine.fednova`): each
+      client sends ``Delta_i / ||a_i||_1`` (``a_i`` the coefficients of its local
+      optimizer over the steps it ran) and ``||a_i||_1``; the mean is rescaled by
+      ``tau_eff = sum p_i ||a_i||_1`` (streaming sums).
+    scaffold: SCAFFOLD (`fedjax_fm.engine.scaffold`, option II): the client
+      variates live in ``client_store['scaffold']``, the server's in
+      ``ServerState.control``; clients are averaged uniformly and the local
+      optimizer must be SGD with ``scaffold.learning_rate``.
+    FedNova and SCAFFOLD are not combined with each other, with privacy,
+    compressors, attacks, pruning, whole-round or ``base`` aggregators or
+    ``client_masks`` (ValueError).
+    client_masks: per-client masks of the trainable params (heterogeneous LoRA
+      ranks, `fedjax_fm.peft.hetlora`): ``client_masks(client_id) -> bool tree``
+      shaped like the params, traced inside the round. A client starts from the
+      global params zeroed outside its mask, trains only inside it (the pruning
+      ``masks`` path: no gradient, pinned at 0) and sends only its masked
+      entries; the server reads what it did not send as 0 (zero padding), so
+      the aggregator sees ``where(mask, update, -global)``. ``uplink_bytes``
+      then counts each client's masked entries (``uplink_bytes_dense``: the
+      unmasked count). Not with ``privacy`` or a compressor. None: off.
+    client_regularizer: ``(params, mask) -> scalar`` added to every client's
+      local objective (e.g. HetLoRA's rank self-pruning penalty); needs
+      ``client_masks``.
 
   The per-client path after local training is the uplink chain
   (`fedjax_fm.engine.uplink`): clip (with ``privacy``) -> compress -> clip again
@@ -207,6 +238,27 @@ def build_round(loss_fn: client_lib.LossFn,
                      'a streaming mean beside it)')
   if adaptive_clip is not None and privacy is None:
     raise ValueError('adaptive_clip needs privacy (the clipping it adapts)')
+  # ---- FedNova / SCAFFOLD: what they are defined and tested with
+  if fednova is not None and scaffold is not None:
+    raise ValueError('fednova and scaffold are two algorithms: pass one')
+  if fednova is not None or scaffold is not None:
+    algo = 'fednova' if fednova is not None else 'scaffold'
+    for given, what in ((privacy, 'privacy'), (compressor, 'compressor'),
+                        (downlink_compressor, 'downlink_compressor'), (attack, 'attack'),
+                        (pruning, 'pruning'), (client_masks, 'client_masks')):
+      if given is not None:
+        raise ValueError(f'{algo} is not supported with {what}')
+    if whole_round or aggregator.base is not None:
+      raise ValueError(f'{algo} needs a streaming aggregator without a base (e.g. the '
+                       'weighted mean)')
+  # ---- per-client masks (heterogeneous LoRA ranks)
+  if client_masks is not None and (privacy is not None or compressor is not None
+                                   or downlink_compressor is not None):
+    raise ValueError('client_masks: not with privacy (the zero padding of what a client '
+                     'did not send is not bounded by its clip) nor with a compressor (its '
+                     'payload is measured on the unmasked arrays)')
+  if client_regularizer is not None and client_masks is None:
+    raise ValueError('client_regularizer needs client_masks (it is given the client mask)')
   compressor_given = compressor is not None
   compressor = compressor or compress_base.identity()
   steps = [uplink_lib.clip(privacy)] if privacy is not None else []
@@ -229,8 +281,9 @@ def build_round(loss_fn: client_lib.LossFn,
 
   client_factory = None if _is_transformation(client_optimizer) else client_optimizer
   server_factory = None if _is_transformation(server_optimizer) else server_optimizer
+  reg_kw = {} if client_regularizer is None else {'regularizer': client_regularizer}
   client_update = (None if client_factory else
-                   client_lib.make_client_update(loss_fn, client_optimizer, prox_mu))
+                   client_lib.make_client_update(loss_fn, client_optimizer, prox_mu, **reg_kw))
 
   def server_tx(hparams):
     return server_factory(hparams) if server_factory else server_optimizer
@@ -243,6 +296,11 @@ def build_round(loss_fn: client_lib.LossFn,
   downlink_bytes = (tree_util.tree_nbytes(params_shape) if downlink_compressor is None else
                     compress_base.payload_nbytes(downlink_compressor, params_shape))
   score_mean = mean_lib.weighted_mean()
+  if fednova is not None:   # ||a_i||_1 as a float32 beside the update
+    uplink_bytes += 4
+  if scaffold is not None:   # Delta c_i up, c down, both dense like the params
+    uplink_bytes += tree_util.tree_nbytes(params_shape)
+    downlink_bytes += tree_util.tree_nbytes(params_shape)
 
   def init(params, key, hparams=None) -> ServerState:
     if (client_factory or server_factory) and hparams is None:
@@ -250,6 +308,9 @@ def build_round(loss_fn: client_lib.LossFn,
                        'init(params, key, hparams={...})')
     store = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape).copy(), uplink.init(params))
+    if scaffold is not None:   # SCAFFOLD: every client's variate c_i, from 0
+      store = {**store, scaffold_lib.STORE_KEY: jax.tree.map(
+          lambda p: jnp.zeros((num_clients,) + jnp.shape(p), jnp.result_type(p)), params)}
     hp = () if hparams is None else {k: jnp.asarray(v, jnp.float32)
                                      for k, v in hparams.items()}
     return ServerState(
@@ -263,7 +324,8 @@ def build_round(loss_fn: client_lib.LossFn,
                           jax.tree.map(jnp.zeros_like, params) if scores else ())
                if pruning is not None else ()),
         base_delta=aggregator.base.init(params) if aggregator.base is not None else (),
-        hparams=hp)
+        hparams=hp,
+        control=jax.tree.map(jnp.zeros_like, params) if scaffold is not None else ())
 
   def frozen_view(state: ServerState, frozen):
     """The frozen base the clients train on (moved by a ``base`` aggregator)."""
@@ -275,15 +337,43 @@ def build_round(loss_fn: client_lib.LossFn,
     params, masks = broadcast['params'], broadcast['masks']
     train_key, encode_key = jax.random.split(x['key'])
     update_fn = client_update or client_lib.make_client_update(
-        loss_fn, client_factory(x['hparams']), prox_mu)
-    delta, metrics = update_fn(params, frozen, x['data'], train_key, masks)
+        loss_fn, client_factory(x['hparams']), prox_mu, **reg_kw)
+    if client_masks is not None:   # the client's share of the params (e.g. its LoRA rank)
+      cmask = client_masks(x['client_id'])
+      params = jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, cmask)
+      masks = cmask if masks is None else jax.tree.map(jnp.logical_and, masks, cmask)
+    ctrl_kw = {}
+    if scaffold is not None:   # SCAFFOLD: local gradients corrected by c - c_i
+      c_i = x['client_state'][scaffold_lib.STORE_KEY]
+      ctrl_kw['correction'] = scaffold_lib.correction(broadcast['control'], c_i)
+    delta, metrics = update_fn(params, frozen, x['data'], train_key, masks, **ctrl_kw)
     metrics['update_norm'] = uplink_lib.tree_norm(delta)
+    local_delta = delta
+    if fednova is not None:   # FedNova: the client sends Delta_i / ||a_i||_1
+      nova_norm = fednova_lib.coefficient_norm(metrics['steps'], fednova.momentum,
+                                               fednova.prox_alpha)
+      delta = fednova_lib.normalize(delta, nova_norm)
     update, weight, client_state, step_metrics = uplink.apply(
         encode_key, delta, x['weight'], x['client_state'], x['inputs'])
     metrics.update(step_metrics)
     metrics.setdefault('finite', jnp.asarray(True))
+    if client_masks is not None:   # zero padding: what was not sent reads as 0
+      update = jax.tree.map(lambda u, m, p: jnp.where(m, u, -p.astype(u.dtype)),
+                            update, cmask, broadcast['params'])
+      metrics['uplink_bytes'] = sum(
+          jnp.sum(m.astype(jnp.float32)) * p.dtype.itemsize
+          for m, p in zip(jax.tree.leaves(cmask), jax.tree.leaves(broadcast['params'])))
     contrib = {}
     outputs = {'client_state': client_state, 'metrics': metrics}
+    if fednova is not None:   # streaming sums of p_i ||a_i||_1 and p_i
+      contrib['nova'] = (nova_norm, weight)
+    if scaffold is not None:   # option II; a client whose update is dropped keeps c_i
+      arrived = weight > 0
+      c_new, delta_c = scaffold_lib.control_update(
+          c_i, broadcast['control'], local_delta, jnp.where(arrived, metrics['steps'], 0.0),
+          scaffold.learning_rate)
+      outputs['client_state'] = {**client_state, scaffold_lib.STORE_KEY: c_new}
+      contrib['control'] = (delta_c, arrived.astype(jnp.float32))
     if whole_round:   # the aggregator sees all updates after the strategy
       outputs['updates'] = (update, weight)
     else:
@@ -303,6 +393,10 @@ def build_round(loss_fn: client_lib.LossFn,
       zero['update'] = aggregator.zero(params)
     if scores:
       zero['scores'] = score_mean.zero(params)
+    if fednova is not None:
+      zero['nova'] = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    if scaffold is not None:
+      zero['control'] = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
     def accumulate(acc, contribs, broadcast):
       out = dict(acc)
@@ -313,6 +407,15 @@ def build_round(loss_fn: client_lib.LossFn,
       if 'scores' in acc:
         grads, weights = contribs['scores']
         out['scores'] = score_mean.accumulate(acc['scores'], grads, weights)
+      if 'nova' in acc:
+        norms, weights = contribs['nova']
+        out['nova'] = (acc['nova'][0] + jnp.sum(weights * norms),
+                       acc['nova'][1] + jnp.sum(weights))
+      if 'control' in acc:
+        delta_c, arrived = contribs['control']
+        out['control'] = jax.tree.map(
+            lambda a, d: a + jnp.tensordot(arrived, d.astype(jnp.float32), axes=1),
+            acc['control'], delta_c)
       return out
 
     return strategies.Reducer(zero, accumulate)
@@ -325,6 +428,8 @@ def build_round(loss_fn: client_lib.LossFn,
     weight = jnp.where(mask, weight, 0.0)
     if privacy is not None:
       weight = mask.astype(jnp.float32)   # uniform weights bound the mean's sensitivity
+    if scaffold is not None:
+      weight = mask.astype(jnp.float32)   # SCAFFOLD: the uniform mean over S
     round_key = jax.random.fold_in(state.key, state.round)
     # The round's shared key: a whole-round aggregator's RoundContext key, and, for
     # a distributed DP mechanism, the clients' too (the rotation they all apply).
@@ -352,6 +457,8 @@ def build_round(loss_fn: client_lib.LossFn,
         'client_state': client_states,
         'inputs': inputs,
     }
+    if client_masks is not None:
+      xs['client_id'] = ids
     if client_factory is not None:
       xs['hparams'] = {k: jnp.broadcast_to(v, weight.shape)
                        for k, v in state.hparams.items()}
@@ -369,6 +476,8 @@ def build_round(loss_fn: client_lib.LossFn,
       start = view
     broadcast = {'params': start,
                  'masks': state.prune.masks if pruning is not None else None}
+    if scaffold is not None:
+      broadcast['control'] = state.control
     base = frozen_view(state, frozen)
     acc, outputs = strategies.run_clients(
         strategy, per_client, make_reducer(start), broadcast, base, xs,
@@ -381,6 +490,13 @@ def build_round(loss_fn: client_lib.LossFn,
     else:
       mean_delta, agg_info = aggregator.finalize(acc['update'], start)
     agg_info = dict(agg_info)
+    if fednova is not None:   # Delta = tau_eff * sum p_i d_i
+      tau_eff = acc['nova'][0] / jnp.maximum(acc['nova'][1], 1e-30)
+      mean_delta = jax.tree.map(lambda d: d * tau_eff.astype(d.dtype), mean_delta)
+      agg_info['fednova_tau_eff'] = tau_eff
+    if scaffold is not None:   # c <- c + (1/N) sum_{i in S} Delta c_i
+      new['control'] = jax.tree.map(lambda c, s: c + (s / num_clients).astype(c.dtype),
+                                    state.control, acc['control'])
     if aggregator.base is not None:
       increment = agg_info.pop('base_delta')
       new['base_delta'] = jax.tree.map(jnp.add, state.base_delta, increment)
@@ -425,6 +541,13 @@ def build_round(loss_fn: client_lib.LossFn,
         'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
     }
     metrics.update(agg_info)
+    if 'dropped' in round_data:   # system heterogeneity (engine.heterogeneity)
+      metrics['dropped_clients'] = jnp.sum(jnp.asarray(round_data['dropped'], jnp.float32))
+      metrics['mean_steps'] = metrics['steps'] / jnp.maximum(n, 1.0)
+    if client_masks is not None:   # each client at its own mask (e.g. LoRA rank)
+      metrics['uplink_bytes_dense'] = metrics['uplink_bytes']
+      metrics['uplink_bytes'] = jnp.sum(cm['uplink_bytes'] * fmask)
+      metrics['client_uplink_bytes'] = cm['uplink_bytes'] * fmask
     if privacy is not None:
       metrics['clip_norm'] = clip_norm
       metrics['unclipped_fraction'] = (jnp.sum(fmask * cm['unclipped'].astype(jnp.float32))

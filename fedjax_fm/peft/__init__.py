@@ -4,6 +4,7 @@ Hugging Face PEFT adapter export lives in the top-level ``hf`` package
 (``hf.export_lora_adapter``), which builds on this one.
 """
 
+from fedjax_fm.peft import hetlora
 from fedjax_fm.peft import lora_aggregation
 from fedjax_fm.peft import qbase
 from fedjax_fm.peft import slora
@@ -43,6 +44,7 @@ __all__ = [
     'apply_adapters',
     'apply_ia3',
     'freeze_lora_a',
+    'hetlora',
     'lora_aggregation',
     'lora_aggregator',
     'slora',

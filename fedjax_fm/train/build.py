@@ -201,14 +201,26 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
     client_tx = optax.chain(client_tx, peft.slora.mask_updates(sparse_masks))
   server_tx = registries.SERVER_OPTIMIZERS[config.server_optimizer.name](
       config.server_optimizer)
+  algo_kw = algorithm_kwargs(config)   # fl.algorithm: FedNova, SCAFFOLD
+  system = heterogeneity_of(config)    # step budgets, dropout, deadline
+  hetero = {}   # heterogeneous LoRA ranks: per-client rank masks (peft.hetlora)
+  if p.method == 'lora' and p.rank_distribution != 'none':
+    hetero['client_masks'] = peft.hetlora.client_masks_fn(
+        split.trainable, config.seed, tuple(p.ranks),
+        tuple(p.rank_fractions) if p.rank_distribution == 'tiers' else None)
+    if p.hetlora_lambda:
+      hetero['client_regularizer'] = peft.hetlora.self_pruning_penalty(
+          p.hetlora_gamma, p.hetlora_lambda)
 
   def make_round(chunk_size):
+    if f.algorithm in config_lib.ZO_ALGORITHMS:   # FedKSeed: its own (zeroth-order) round
+      return fedkseed_round(config, loss_fn, split.trainable, population, chunk_size, mesh)
     return engine.build_round(
         loss_fn, split.trainable, client_optimizer=client_tx, server_optimizer=server_tx,
         num_clients=population, strategy=f.strategy, chunk_size=chunk_size,
         mesh=mesh, prox_mu=f.prox_mu, aggregator=aggregator, privacy=dp,
         adaptive_clip=adaptive, attack=attack, compressor=uplink,
-        downlink_compressor=downlink, pruning=pruning)
+        downlink_compressor=downlink, pruning=pruning, **hetero, **algo_kw)
 
   if mesh is not None:
     split = split._replace(frozen=sharding.shard_frozen(split.frozen, mesh))
@@ -230,6 +242,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
                                        round_idx=round_idx, max_epochs=f.max_epochs,
                                        pad_clients_to=padded_clients,
                                        shuffle=config.data.shuffle)
+    data = engine.heterogeneity.apply_to_round(data, system, f.local_steps, seed=config.seed,
+                                               round_idx=round_idx)
     if attack is not None:
       data['attacker'] = attackers[data['client_id']] & data['client_mask']
     if mesh is not None and jax.process_count() > 1:
@@ -288,6 +302,39 @@ def _auto_chunk_size(config, task_data, split, loss_fn, client_tx, make_round, g
     how = f'{budget / 2**20:.0f} MiB of temporaries per device'
   log(f'chunk_size={chunk} (automatic: {how}; {per_group} clients per device)')
   return chunk
+
+
+def algorithm_kwargs(config) -> dict:
+  """``build_round`` arguments of ``fl.algorithm`` (FedNova, SCAFFOLD; FedAvg: none)."""
+  f, co = config.fl, config.client_optimizer
+  if f.algorithm == 'fednova':
+    momentum = co.momentum if co.name == 'momentum' else 0.0
+    return {'fednova': engine.fednova.FedNova(momentum=momentum,
+                                              prox_alpha=co.learning_rate * f.prox_mu)}
+  if f.algorithm == 'scaffold':
+    return {'scaffold': engine.scaffold.Scaffold(learning_rate=co.learning_rate)}
+  return {}
+
+
+def heterogeneity_of(config) -> engine.heterogeneity.SystemHeterogeneity:
+  """Clients' step budgets, dropout and deadline (``fl.step_budget`` to ``fl.speed_sigma``)."""
+  f = config.fl
+  return engine.heterogeneity.SystemHeterogeneity(
+      step_budget=f.step_budget, step_budget_min=f.step_budget_min,
+      step_budget_sigma=float(f.step_budget_sigma),
+      step_budget_tiers=tuple(float(t) for t in f.step_budget_tiers),
+      dropout=float(f.dropout), deadline=float(f.deadline), speed_sigma=float(f.speed_sigma))
+
+
+def fedkseed_round(config, loss_fn, trainable, population, chunk_size, mesh):
+  """``fl.algorithm="fedkseed"`` / ``"fedkseed_pro"``: `engine.zeroth_order` (``config.zo``)."""
+  f, z = config.fl, config.zo
+  return engine.zeroth_order.build_fedkseed_round(
+      loss_fn, trainable, num_clients=population, num_seeds=z.num_seeds, eps=float(z.eps),
+      learning_rate=float(config.client_optimizer.learning_rate),
+      probabilities='pro' if f.algorithm == 'fedkseed_pro' else 'uniform',
+      payload=z.payload, local_steps=f.local_steps, strategy=f.strategy,
+      chunk_size=chunk_size, mesh=mesh)
 
 
 def build_compressors(config):

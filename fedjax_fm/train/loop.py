@@ -335,7 +335,9 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       m = sharding.to_host(m)
       round_s = time.time() - t0
       n_clients = int(m['num_clients'])
-      up = n_clients * fed.uplink_bytes_per_client
+      # heterogeneous per-client payloads (e.g. LoRA ranks): the round's own count
+      up = (float(m['uplink_bytes']) if 'uplink_bytes_dense' in m
+            else n_clients * fed.uplink_bytes_per_client)
       down = n_clients * (fed.downlink_bytes_per_client + mask_down)
       record.total_up += up
       record.total_down += down
@@ -355,6 +357,10 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
         for k in ('lora_aggregation_error', 'lora_aggregation_error_se'):
           if k in m:
             line[k] = float(m[k])
+      for k in ('dropped_clients', 'mean_steps', 'fednova_tau_eff'):   # system heterogeneity
+        # steps done also depend on each client's data size: logged as client metrics are
+        if k in m and (per_client_logged or k == 'dropped_clients'):
+          line[k] = float(m[k])
       if r == start:
         line['compile_time_s'] = compile_s
       if prune_step is not None:

@@ -25,6 +25,7 @@ from fedjax_fm import peft
 from fedjax_fm import privacy as privacy_lib
 from fedjax_fm.data import partition as partition_lib
 from fedjax_fm.hf import load as hf_load
+from fedjax_fm.peft import hetlora
 from fedjax_fm.peft import lora_aggregation
 
 
@@ -312,6 +313,7 @@ LORA_AGGREGATION = Registry('peft.lora_aggregation', {
     'ffa': lambda p: lora_aggregation.ffa(),
     'product': lambda p: lora_aggregation.product(),
     'stack': lambda p: lora_aggregation.stack(scaling=p.alpha / p.rank),
+    'hetlora': lambda p: hetlora.sparsity_weighted(),   # HetLoRA (heterogeneous ranks)
 })
 
 
