@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
       # clients at each of `ranks`); a client's rank is fixed by (seed, client id).
       rank_distribution='none', ranks=(), rank_fractions=(),
       hetlora_gamma=0.9, hetlora_lambda=0.0,   # HetLoRA rank self-pruning regulariser
+      # HetLoRA's rank self-pruning rule (lora_aggregation="hetlora"): a client's rank
+      # lives in the per-client store and shrinks to floor(gamma r) when its tail shrank.
+      hetlora_prune=False,
   ))
   c.data = ml_collections.ConfigDict(dict(
       source='stdlib_docs', task='classification',
@@ -327,6 +330,7 @@ def _validate_hetlora(c) -> None:
   _one_of(c, 'peft.rank_distribution', RANK_DISTRIBUTIONS)
   _float_range(c, 'peft.hetlora_gamma', 0.0, 1.0, lo_open=True, hi_open=True)
   _float_range(c, 'peft.hetlora_lambda', 0.0)
+  _validate_hetlora_prune(c)
   if p.method in ('lora', 'slora') and p.lora_aggregation == 'hetlora':
     if c.privacy.enabled:
       raise _err('peft.lora_aggregation', 'hetlora', 'with privacy.enabled only "fedit" '
@@ -389,9 +393,29 @@ def _validate_hetlora(c) -> None:
     raise _err('peft.rank_distribution', p.rank_distribution, f'not with fl.algorithm='
                f'{c.fl.algorithm!r}: per-client rank masks zero-pad what a client does not '
                'send, which that algorithm\'s messages do not model')
-  if p.lora_aggregation == 'ffa' and p.hetlora_lambda:
-    raise _err('peft.hetlora_lambda', p.hetlora_lambda, 'the self-pruning penalty reads '
-               'lora_a, which peft.lora_aggregation="ffa" freezes')
+  if p.lora_aggregation == 'ffa':
+    raise _err('peft.lora_aggregation', 'ffa', f'not with peft.rank_distribution='
+               f'{p.rank_distribution!r}: FFA freezes lora_a in the base, and the rank masks '
+               'cover LoRA pairs of the trainable params; use "fedit", "hetlora", "stack" '
+               'or "product"')
+
+
+def _validate_hetlora_prune(c) -> None:
+  """peft.hetlora_prune: HetLoRA's rank self-pruning rule (per-client rank store)."""
+  p = c.peft
+  prune = p.get('hetlora_prune', False)
+  if not isinstance(prune, bool):
+    raise _err('peft.hetlora_prune', prune, 'must be a bool')
+  if not prune:
+    return
+  if p.method != 'lora' or p.rank_distribution == 'none':
+    raise _err('peft.hetlora_prune', True, 'prunes the per-client ranks of heterogeneous '
+               'LoRA: needs peft.method="lora" and peft.rank_distribution in ("uniform", '
+               '"tiers") (every client at the maximum rank: "uniform" with '
+               'peft.ranks=(peft.rank,))')
+  if p.lora_aggregation != 'hetlora':
+    raise _err('peft.hetlora_prune', True, 'is HetLoRA\'s rule: needs '
+               f'peft.lora_aggregation="hetlora", got {p.lora_aggregation!r}')
 
 
 FL_ALGORITHMS = ('fedavg', 'fednova', 'scaffold', 'fedkseed', 'fedkseed_pro')

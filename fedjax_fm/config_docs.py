@@ -75,6 +75,9 @@ FIELD_DOCS: dict[str, str] = {
                           'components floor(gamma r) .. r',
     'peft.hetlora_lambda': 'HetLoRA self-pruning: weight of ||A_tail|| ||B_tail|| in the '
                            'local loss (0: off)',
+    'peft.hetlora_prune': 'HetLoRA rank self-pruning rule (lora_aggregation=hetlora): a '
+                          'client whose tail norm shrank in local training keeps rank '
+                          'floor(gamma r) (>= 1) from then on (per-client store)',
 
     # ---- data
     'data.source': 'stdlib_docs | synthetic | tfds | jsonl | csv | text | instructions | '
@@ -145,7 +148,7 @@ FIELD_DOCS: dict[str, str] = {
                    'sharded (over devices)',
     'fl.chunk_size': 'chunked / sharded: clients per vmapped chunk (0: automatic, at most '
                      'the backend\'s measured sweet spot and fitting memory_budget_mb)',
-    'fl.memory_budget_mb': 'chunk_size=0: memory budget of a chunk in MiB (0: 2 GiB)',
+    'fl.memory_budget_mb': 'chunk_size=0: budget in MiB of a round\'s temporaries per device (0: 2 GiB)',
     'fl.prox_mu': 'FedProx proximal term weight (0: plain FedAvg local training)',
     'fl.model_axis': 'sharded: devices per client group holding the FSDP-sharded base',
     # ---- algorithms and system heterogeneity (engine.fednova, engine.scaffold,

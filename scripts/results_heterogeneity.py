@@ -2,7 +2,7 @@
 
 Runs ``experiments/configs/heterogeneity.py:ALGO`` for the four algorithms on
 the same heterogeneous federation (the MLP on the synthetic Gaussian mixture,
-Dirichlet(0.3) non-IID clients, uniform step budgets in [1, local_steps], 10%
+Dirichlet(0.1) non-IID clients, uniform step budgets in [1, local_steps], 10%
 mid-round dropout; the schedule is seeded, so every algorithm sees the same
 clients, budgets and dropouts), writes the markdown table (``--md``) and prints
 a JSON line last.

@@ -425,6 +425,7 @@ def test_experiment_configs_are_valid():
     ('peft.rank_fractions', (0.5, 0.5), 'summing to 1'),
     ('peft.rank_distribution', 'normal', 'allowed values'),
     ('peft.hetlora_gamma', 1.0, 'must be < 1'),
+    ('peft.lora_aggregation', 'ffa', 'FFA freezes lora_a'),
 ])
 def test_config_rejects_unsupported_combinations(field, value, message):
   c = _hetero('zeropad')
@@ -529,3 +530,250 @@ def test_build_experiment_wires_the_ranks(minilm_dir, tmp_path):
   assert np.isfinite(float(m['train_loss']))
   # Every leaf of the server model is finite.
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+# ------------------------------------------------- rank self-pruning (rank store)
+
+PRUNE_GAMMA, PRUNE_LAM = 0.5, 0.05
+
+
+def _np_tail(a, b, r, gamma):
+  g = int(np.floor(gamma * r))
+  return np.linalg.norm(np.asarray(a, np.float64)[:, g:r]) * np.linalg.norm(
+      np.asarray(b, np.float64)[g:r])
+
+
+def reference_pruning_round(params, frozen, data, client_tx, store, gamma=PRUNE_GAMMA,
+                            lam=PRUNE_LAM):
+  """One HetLoRA round with rank self-pruning, client by client (NumPy rule).
+
+  ``store``: {client id: rank}. Each sampled client trains its rank-r LoRA
+  (truncated factors, penalty on the tail g:r), prunes to max(floor(gamma r), 1)
+  when its tail norm ended below where it started, and sends its factors at the
+  new rank; the server zero-pads and takes the sparsity-weighted mean.
+  Returns (params, store, sent ranks by id, [(relative margin, pruned)] of the
+  clients that could prune).
+  """
+  store = dict(store)
+  clients, sent, margins = [], {}, []
+  for c in range(data['weight'].shape[0]):
+    if not data['client_mask'][c]:
+      continue
+    cid = int(data['client_id'][c])
+    r = store[cid]
+    g = int(np.floor(gamma * r))
+    p = {'layer': {'lora_a': params['layer']['lora_a'][:, :r],
+                   'lora_b': params['layer']['lora_b'][:r]},
+         'head': params['head']}
+    before = _np_tail(p['layer']['lora_a'], p['layer']['lora_b'], r, gamma)
+    opt = client_tx.init(p)
+    for s in range(data['step_mask'].shape[1]):
+      if not data['step_mask'][c, s]:
+        continue
+      batch = jax.tree.map(lambda a: jnp.asarray(a[c, s]), data['batch'])
+      m = jnp.asarray(data['example_mask'][c, s], jnp.float32)
+      grads = _grad_fn(r, g, lam)(p, frozen, batch, m)
+      updates, opt = client_tx.update(grads, opt, p)
+      p = optax.apply_updates(p, updates)
+    after = _np_tail(p['layer']['lora_a'], p['layer']['lora_b'], r, gamma)
+    new_r = max(g, 1) if after < before and max(g, 1) < r else r
+    if max(g, 1) < r and before > 0:   # (a tail that is exactly 0 stays 0: a true tie)
+      margins.append((abs(after - before) / before, new_r < r))
+    store[cid] = sent[cid] = new_r
+    clients.append({'rank': new_r, 'weight': float(data['weight'][c]),
+                    'a': np.asarray(p['layer']['lora_a'], np.float64)[:, :new_r],
+                    'b': np.asarray(p['layer']['lora_b'], np.float64)[:new_r],
+                    'head': np.asarray(p['head']['kernel'], np.float64)})
+  w = np.asarray([c['weight'] for c in clients])
+  s = np.asarray([np.linalg.norm(c['a'] @ c['b']) for c in clients])
+  new = {'layer': {'lora_a': sum(x * pad(c)[0] for x, c in zip(s / s.sum(), clients)),
+                   'lora_b': sum(x * pad(c)[1] for x, c in zip(s / s.sum(), clients))},
+         'head': {'kernel': sum(x * c['head'] for x, c in zip(w / w.sum(), clients))}}
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), new), store, sent, margins
+
+
+def pruning_rounds(num_rounds=3):
+  """Rounds with two clients left out of round 2 (masked) and new ids in round 3."""
+  out = []
+  for r in range(num_rounds):
+    data = make_round_data(seed=30 + r)
+    if r == 1:
+      data['client_mask'][[0, 3]] = False
+    if r == 2:
+      data['client_id'] = data['client_id'].copy()
+      data['client_id'][[1, 6]] = [40, 51]
+    out.append(data)
+  return out
+
+
+def build_pruning(strategy='vmap', chunk=None):
+  return engine.build_round(
+      loss_fn, init_params(), client_optimizer=optax.sgd(0.3),
+      server_optimizer=optax.sgd(1.0), num_clients=64, strategy=strategy, chunk_size=chunk,
+      aggregator=hetlora.sparsity_weighted(),
+      client_masks=hetlora.rank_store(init_params(), SEED, RANKS, FRACTIONS,
+                                      prune_gamma=PRUNE_GAMMA),
+      client_regularizer=hetlora.self_pruning_penalty(PRUNE_GAMMA, PRUNE_LAM))
+
+
+def check_pruning_rounds(strategy, chunk=None, num_rounds=3):
+  fed = build_pruning(strategy, chunk)
+  state = fed.init(init_params(), jax.random.key(0))
+  store0 = np.asarray(state.client_store[hetlora.STORE_KEY])
+  np.testing.assert_array_equal(store0, ranks_of(np.arange(64)))   # from the tiers
+  ref_store = {i: int(r) for i, r in enumerate(store0)}
+  params, frozen = init_params(), init_frozen()
+  margins = []
+  for data in pruning_rounds(num_rounds):
+    state, metrics = fed.apply(state, frozen, data)
+    params, ref_store, sent, m = reference_pruning_round(params, frozen, data,
+                                                         optax.sgd(0.3), ref_store)
+    margins += m
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=TOL)
+    # The whole store: sampled clients moved as the reference, the others kept theirs.
+    np.testing.assert_array_equal(np.asarray(state.client_store[hetlora.STORE_KEY]),
+                                  [ref_store[i] for i in range(64)])
+    on = data['client_mask']
+    np.testing.assert_array_equal(np.asarray(metrics['client_rank'])[on],
+                                  [sent[int(i)] for i in data['client_id'][on]])
+    # Uplink at the rank each client sent (its rank after pruning).
+    assert float(metrics['uplink_bytes']) == sum(
+        hetlora.uplink_nbytes(init_params(), r) for r in sent.values())
+  pruned = sum(p for _, p in margins)
+  kept = len(margins) - pruned   # could prune, but the tail grew
+  assert pruned >= 2 and kept >= 2, (pruned, kept)   # both branches of the rule ran
+  assert min(x for x, _ in margins) > 1e-3   # no decision sits near a float tie
+  return state
+
+
+def test_rank_self_pruning_matches_reference_over_rounds_vmap():
+  state = check_pruning_rounds('vmap', num_rounds=2)
+  store = np.asarray(state.client_store[hetlora.STORE_KEY])
+  untouched = np.setdiff1d(np.arange(64), np.concatenate(
+      [d['client_id'] for d in pruning_rounds(2)]))
+  np.testing.assert_array_equal(store[untouched], ranks_of(untouched))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('strategy,chunk', [('vmap', None), ('chunked', 2), ('chunked', 8),
+                                            ('sharded', 1), ('sharded', None)])
+def test_rank_self_pruning_matches_reference_every_strategy(strategy, chunk):
+  check_pruning_rounds(strategy, chunk)
+
+
+def test_rank_store_without_pruning_equals_fixed_ranks():
+  data = make_round_data(seed=5)
+  fixed, _ = run_round(build('hetlora'), data)
+  fed = engine.build_round(
+      loss_fn, init_params(), client_optimizer=optax.sgd(0.3),
+      server_optimizer=optax.sgd(1.0), num_clients=64, strategy='vmap',
+      aggregator=hetlora.sparsity_weighted(),
+      client_masks=hetlora.rank_store(init_params(), SEED, RANKS, FRACTIONS))
+  stored, m = run_round(fed, data)
+  for x, y in zip(jax.tree.leaves(fixed.params), jax.tree.leaves(stored.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(stored.client_store[hetlora.STORE_KEY]),
+                                ranks_of(np.arange(64)))
+  np.testing.assert_array_equal(np.asarray(m['client_rank']), ranks_of(data['client_id']))
+
+
+def test_a_client_whose_update_does_not_arrive_keeps_its_rank():
+  data = make_round_data(seed=31)
+  fed = build_pruning()
+  state = fed.init(init_params(), jax.random.key(0))
+  state, _ = fed.apply(state, init_frozen(), data)   # B is nonzero from round 2 on
+  data = make_round_data(seed=32)
+  data['batch']['x'][2] = np.nan                       # a client that diverges
+  before = np.asarray(state.client_store[hetlora.STORE_KEY])
+  state, m = fed.apply(state, init_frozen(), data)
+  after = np.asarray(state.client_store[hetlora.STORE_KEY])
+  assert float(m['nonfinite_clients']) == 1.0
+  cid = int(data['client_id'][2])
+  assert after[cid] == before[cid]
+  assert (after[data['client_id']] < before[data['client_id']]).any()   # others pruned
+
+
+def test_prune_client_rank_rule():
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(D_IN, R)).astype(np.float32)
+  b = rng.normal(size=(R, D_OUT)).astype(np.float32)
+  start = {'l': {'lora_a': jnp.asarray(a), 'lora_b': jnp.asarray(b)}, 'h': jnp.ones(3)}
+  shrunk = {'l': {'lora_a': jnp.asarray(a), 'lora_b': jnp.asarray(b).at[2:].multiply(0.9)},
+            'h': jnp.ones(3)}
+  grown = {'l': {'lora_a': jnp.asarray(a) * 1.1, 'lora_b': jnp.asarray(b)}, 'h': jnp.ones(3)}
+  np.testing.assert_allclose(float(hetlora.tail_norm(start, 4, 0.5)),
+                             _np_tail(a, b, 4, 0.5), rtol=1e-6)
+  assert int(hetlora.prune_client_rank(shrunk, start, 4, 0.5)) == 2
+  assert int(hetlora.prune_client_rank(grown, start, 4, 0.5)) == 4
+  # floor(0.9 * 3) = 2; the tail of rank 3 is component 2 only.
+  assert int(hetlora.prune_client_rank(shrunk, start, 3, 0.9)) == 2
+  # Rank 1 never drops to 0 (floor(0.5) = 0 is raised to min_rank = 1).
+  tiny = {'l': {'lora_a': jnp.asarray(a) * 0.5, 'lora_b': jnp.asarray(b)}, 'h': jnp.ones(3)}
+  assert int(hetlora.prune_client_rank(tiny, start, 1, 0.5)) == 1
+  assert int(hetlora.prune_client_rank(tiny, start, 4, 0.5, min_rank=3)) == 3
+  # floor(gamma r) exactly as on the host (0.7 * 10 is 6.999... in float64, 7 in float32).
+  big = {'l': {'lora_a': jnp.ones((2, 10)), 'lora_b': jnp.ones((10, 2))}}
+  small = jax.tree.map(lambda x: x * 0.5, big)
+  assert int(hetlora.prune_client_rank(small, big, 10, 0.7)) == int(np.floor(0.7 * 10))
+  with pytest.raises(ValueError, match='prune_gamma'):
+    hetlora.rank_store(init_params(), 0, RANKS, FRACTIONS, prune_gamma=1.0)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('peft.lora_aggregation', 'fedit', 'peft.lora_aggregation="hetlora"'),
+    ('peft.rank_distribution', 'none', 'peft.rank_distribution in'),
+    ('peft.hetlora_prune', None, 'must be a bool'),
+])
+def test_config_rejects_pruning_outside_hetlora(field, value, message):
+  c = _hetero('hetlora')
+  assert c.peft.hetlora_prune
+  _set(c, field, value)
+  if field == 'peft.rank_distribution':
+    c.peft.ranks, c.peft.rank_fractions, c.peft.hetlora_lambda = (), (), 0.0
+  with pytest.raises(config_lib.ConfigError, match=message) as e:
+    config_lib.validate(c, num_devices=1)
+  assert 'peft.hetlora_prune' in str(e.value)
+
+
+@pytest.mark.slow
+def test_run_with_pruning_resumes_bit_identically(minilm_dir, tmp_path):
+  """Through `train.run` (hetlora,tiny: ranks in the store, self-pruned): 3 rounds
+  straight == 2 rounds, checkpoint, resume to 3; the store was saved and moved."""
+  del minilm_dir
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from fedjax_fm import checkpoint  # pylint: disable=g-import-not-at-top
+  from fedjax_fm import train  # pylint: disable=g-import-not-at-top
+
+  def config(rounds):
+    c = hetlora_configs.get_config('hetlora,tiny')
+    c.progress, c.tensorboard, c.checkpoint.every = False, False, 1
+    c.num_rounds = rounds
+    # SGD and a strong penalty: tails shrink within the tiny run (one Adam step of
+    # lr-sized sign moves on B ~ 0 grows the tail instead).
+    c.peft.hetlora_lambda = 1.0
+    c.client_optimizer.name, c.client_optimizer.learning_rate = 'sgd', 0.05
+    return c
+
+  def run(c, workdir):
+    with contextlib.redirect_stdout(io.StringIO()):
+      train.run(c, str(workdir))
+
+  run(config(3), tmp_path / 'straight')
+  run(config(2), tmp_path / 'resumed')
+  run(config(3), tmp_path / 'resumed')
+  c = config(3)
+  exp = train.build_experiment(c, str(tmp_path / 'like'))
+  like = exp.fed_round.init(exp.split.trainable, jax.random.key(c.seed))
+  states = []
+  for name in ('straight', 'resumed'):
+    ck = checkpoint.Checkpointer(str(tmp_path / name / 'checkpoints'))
+    state, _ = ck.restore(like, step=3)
+    ck.close()
+    states.append(state._replace(key=jax.random.key_data(state.key)))
+  assert checkpoint.tree_equal(states[0], states[1])
+  initial = np.asarray(like.client_store[hetlora.STORE_KEY])
+  stored = np.asarray(states[0].client_store[hetlora.STORE_KEY])
+  assert stored.dtype == np.int32
+  assert (stored <= initial).all() and (stored < initial).any()   # clients pruned

@@ -1,10 +1,14 @@
 """Heterogeneous LoRA ranks on the default task (MiniLM + LoRA, stdlib docstrings).
 
-Clients draw their rank from three tiers, 2 / 4 / 8 (40% / 30% / 30% of the
-clients, fixed per client by the seed); peft.rank = 8 is the maximum. MODE:
+Clients draw their initial rank from three tiers, 2 / 4 / 8 (40% / 30% / 30% of
+the clients, by the seed; fixed for the run except in the hetlora mode, where
+clients self-prune it); peft.rank = 8 is the maximum. MODE:
 
   zeropad   zero-padded factors, data-weighted mean (peft.lora_aggregation=fedit)
-  hetlora   HetLoRA: zero padding, sparsity-weighted mean, rank self-pruning penalty
+  hetlora   HetLoRA (the paper's algorithm): zero padding, sparsity-weighted mean, the
+            rank self-pruning penalty and rule (peft.hetlora_prune: a client's rank shrinks
+            to floor(0.9 r) when its penalised tail shrank in local training, and stays
+            pruned; the ranks live in the per-client store)
   stack     exact mean of the clients' products merged into the base (FLoRA-style)
   product   exact mean product, SVD; each tier gets its rank's truncation
   homo_max  homogeneous baseline: every client at rank 8
@@ -49,4 +53,5 @@ def get_config(arg: str = 'hetlora'):
   if mode == 'hetlora':
     p.hetlora_gamma = 0.9
     p.hetlora_lambda = 1e-3
+    p.hetlora_prune = True
   return c

@@ -76,6 +76,7 @@ def _apply_hetlora(c, comp):
   p.rank = max(hetlora.RANKS)
   p.rank_distribution, p.ranks, p.rank_fractions = 'tiers', hetlora.RANKS, hetlora.FRACTIONS
   p.lora_aggregation = 'hetlora'
+  p.hetlora_gamma, p.hetlora_lambda, p.hetlora_prune = 0.9, 1e-3, True
 
 
 def _apply_system(c, system):

@@ -197,6 +197,13 @@ def build_round(loss_fn: client_lib.LossFn,
       the aggregator sees ``where(mask, update, -global)``. ``uplink_bytes``
       then counts each client's masked entries (``uplink_bytes_dense``: the
       unmasked count). Not with ``privacy`` or a compressor. None: off.
+      A `fedjax_fm.peft.hetlora.RankStore` (it has a ``store_key``) instead
+      keeps each client's rank in ``client_store[store_key]``: the mask comes
+      from the stored rank, and after local training its ``after_training``
+      gives the rank written back and the mask of what the client sends
+      (HetLoRA's rank self-pruning); a client whose update does not arrive
+      keeps its rank. The metric ``client_rank`` is each client's rank after
+      the round.
     client_regularizer: ``(params, mask) -> scalar`` added to every client's
       local objective (e.g. HetLoRA's rank self-pruning penalty); needs
       ``client_masks``.
@@ -259,6 +266,7 @@ def build_round(loss_fn: client_lib.LossFn,
                      'payload is measured on the unmasked arrays)')
   if client_regularizer is not None and client_masks is None:
     raise ValueError('client_regularizer needs client_masks (it is given the client mask)')
+  _rank_store = getattr(client_masks, 'store_key', None) is not None   # hetlora.RankStore
   compressor_given = compressor is not None
   compressor = compressor or compress_base.identity()
   steps = [uplink_lib.clip(privacy)] if privacy is not None else []
@@ -308,6 +316,8 @@ def build_round(loss_fn: client_lib.LossFn,
                        'init(params, key, hparams={...})')
     store = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape).copy(), uplink.init(params))
+    if _rank_store:   # per-client ranks (peft.hetlora.RankStore)
+      store = {**store, client_masks.store_key: client_masks.init(num_clients)}
     if scaffold is not None:   # SCAFFOLD: every client's variate c_i, from 0
       store = {**store, scaffold_lib.STORE_KEY: jax.tree.map(
           lambda p: jnp.zeros((num_clients,) + jnp.shape(p), jnp.result_type(p)), params)}
@@ -339,7 +349,11 @@ def build_round(loss_fn: client_lib.LossFn,
     update_fn = client_update or client_lib.make_client_update(
         loss_fn, client_factory(x['hparams']), prox_mu, **reg_kw)
     if client_masks is not None:   # the client's share of the params (e.g. its LoRA rank)
-      cmask = client_masks(x['client_id'])
+      if _rank_store:   # from its stored rank (peft.hetlora.RankStore)
+        stored = x['client_state'][client_masks.store_key]
+        cmask = client_masks.masks(stored)
+      else:
+        cmask = client_masks(x['client_id'])
       params = jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, cmask)
       masks = cmask if masks is None else jax.tree.map(jnp.logical_and, masks, cmask)
     ctrl_kw = {}
@@ -349,6 +363,8 @@ def build_round(loss_fn: client_lib.LossFn,
     delta, metrics = update_fn(params, frozen, x['data'], train_key, masks, **ctrl_kw)
     metrics['update_norm'] = uplink_lib.tree_norm(delta)
     local_delta = delta
+    if _rank_store:   # e.g. HetLoRA's rank self-pruning: the rank kept and what is sent
+      new_rank, cmask = client_masks.after_training(stored, params, delta)
     if fednova is not None:   # FedNova: the client sends Delta_i / ||a_i||_1
       nova_norm = fednova_lib.coefficient_norm(metrics['steps'], fednova.momentum,
                                                fednova.prox_alpha)
@@ -363,6 +379,9 @@ def build_round(loss_fn: client_lib.LossFn,
       metrics['uplink_bytes'] = sum(
           jnp.sum(m.astype(jnp.float32)) * p.dtype.itemsize
           for m, p in zip(jax.tree.leaves(cmask), jax.tree.leaves(broadcast['params'])))
+    if _rank_store:   # a client whose update does not arrive keeps its rank
+      metrics['client_rank'] = jnp.where(weight > 0, new_rank, stored)
+      client_state = {**client_state, client_masks.store_key: metrics['client_rank']}
     contrib = {}
     outputs = {'client_state': client_state, 'metrics': metrics}
     if fednova is not None:   # streaming sums of p_i ||a_i||_1 and p_i
@@ -548,6 +567,8 @@ def build_round(loss_fn: client_lib.LossFn,
       metrics['uplink_bytes_dense'] = metrics['uplink_bytes']
       metrics['uplink_bytes'] = jnp.sum(cm['uplink_bytes'] * fmask)
       metrics['client_uplink_bytes'] = cm['uplink_bytes'] * fmask
+    if _rank_store:
+      metrics['client_rank'] = jnp.where(mask, cm['client_rank'], 0)
     if privacy is not None:
       metrics['clip_norm'] = clip_norm
       metrics['unclipped_fraction'] = (jnp.sum(fmask * cm['unclipped'].astype(jnp.float32))

@@ -25,33 +25,60 @@ stack      exact mean of the clients' products ``A_i B_i`` merged into the
 product    exact mean product re-factorised by SVD to ``r_max``; a client of
            rank ``r`` receives its first ``r`` components, the best rank-r
            approximation of the mean product (SVD truncation per tier)
-ffa        ``lora_a`` frozen and shared; zero-padded ``lora_b`` mean (exact)
 =========  ==============================================================
+
+``ffa`` is not a mode here: it freezes ``lora_a`` in the base, outside the
+rank masks (`fedjax_fm.config.validate` rejects the combination).
 
 All are streaming (memory flat in the clients; ``chunked`` and ``sharded``).
 
 Ranks come from a distribution that is a pure function of ``(seed,
-client_id)`` (`client_rank`), so a client keeps its rank across rounds and a
-resumed run draws the same ranks.
+client_id)`` (`client_rank`). With ``client_masks_fn`` a client keeps that rank
+for the whole run; with `rank_store` (HetLoRA's rank self-pruning) it is only
+the initial rank: every client's current rank lives in the per-client store
+``ServerState.client_store['hetlora_rank']`` (int32, gathered and scattered by
+client id inside the round, checkpointed with the state).
 
 HetLoRA (Cho, Liu, Xu, Fahrezi, Joshi 2024, "Heterogeneous LoRA for Federated
-Fine-tuning of On-Device Foundation Models", https://arxiv.org/abs/2401.06432):
-truncation at distribution, zero padding and aggregation weighted by the
-Frobenius norm of each client's reconstructed update ``||A_i B_i||_F``
-(`sparsity_weighted`, per LoRA module), and the rank self-pruning regulariser
-``lambda ||A_{:, g:r}||_F ||B_{g:r, :}||_F`` with ``g = floor(gamma r)`` in
-local training (`self_pruning_penalty`). Deviation: the paper's pruning rule
-(a client whose regularised tail shrinks over local training keeps rank
-``floor(gamma r)`` from then on, `pruned_rank`) needs a per-client rank store
-across rounds; here ranks are fixed per client by the distribution and the
-rule is provided as a pure function only. The layers keep one scaling
-``alpha / r_max`` for every client (the factors are ``r_max`` wide).
+Fine-tuning of On-Device Foundation Models", https://arxiv.org/abs/2401.06432)
+is the three steps of the paper:
+
+* distribution via truncation: a client of rank ``r_k`` starts from the first
+  ``r_k`` components of the global factors;
+* local training with rank self-pruning: the local objective gets
+  ``lambda sum_modules ||A_{:, g:r}||_F ||B_{g:r, :}||_F`` with ``g = floor(gamma
+  r_k)`` (`self_pruning_penalty`), and at the end of local training a client
+  whose penalised tail ``sum_modules ||A_{:, g:r}|| ||B_{g:r, :}||``
+  (`tail_norm`) is smaller than at the start of its local training (the factors
+  it received) prunes its rank to ``floor(gamma r_k)``, sends its factors at
+  the pruned rank (the pruned components are dropped, the server reads them as
+  0) and keeps that rank in the later rounds it is sampled
+  (`prune_client_rank`, wired into the round by `rank_store`);
+* zero padding and sparsity-weighted aggregation: the padded factors are
+  averaged with weights ``||A_k B_k||_F`` per LoRA module (`sparsity_weighted`).
+
+Choices where the paper leaves a detail open (deviations, named): "the tail
+decreased" is measured over the client's local training (end against start,
+the start being the truncated global factors it received); one rank per
+client for every LoRA module, so the pruning test sums the tails over the
+modules (the regulariser's value divided by lambda); a rank never drops below
+1 (``floor(gamma r)`` is 0 for ``r < 1 / gamma``: such a client keeps rank 1);
+layers stacked on a leading axis (``model.scan_layers``) count as one module in
+the norms; a client whose update does not arrive (weight 0 after the uplink,
+e.g. non-finite) keeps its rank; the layers keep one scaling ``alpha / r_max``
+for every client (the factors are ``r_max`` wide). The paper's
+``floor(gamma r)`` is computed exactly (from a host-side table, not in float32).
+Zero padding pads both factors, so components beyond the rank of every client
+of a round average to exactly 0 in ``lora_a`` and ``lora_b``; such a tail gets
+no gradient (the loss and the penalty see it through the product), stays 0,
+and a client whose whole tail is 0 keeps its rank (the rule needs a strict
+decrease).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +91,17 @@ from fedjax_fm.peft.lora_aggregation import lora_pair_paths
 
 __all__ = [
     'DISTRIBUTIONS',
+    'STORE_KEY',
+    'RankStore',
     'client_masks_fn',
     'client_rank',
+    'prune_client_rank',
     'pruned_rank',
     'rank_masks',
+    'rank_store',
     'self_pruning_penalty',
     'sparsity_weighted',
+    'tail_norm',
     'uplink_nbytes',
     'zero_pad',
 ]
@@ -77,6 +109,7 @@ __all__ = [
 DISTRIBUTIONS = ('none', 'uniform', 'tiers')
 _A, _B = 'lora_a', 'lora_b'
 _RANK_STREAM = 0x4E7A   # folded into the seed's key: ranks draw from their own stream
+STORE_KEY = 'hetlora_rank'   # the current ranks' entry in ServerState.client_store
 
 
 def _get(tree: Any, path: tuple[Any, ...]) -> Any:
@@ -202,15 +235,25 @@ def _safe_norm(x):
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
+def _floor_gamma(gamma: float, n: int) -> jax.Array:
+  """``[n + 1]`` int32 table of ``floor(gamma r)`` for ``r = 0..n`` (exact, host side)."""
+  return jnp.asarray(np.floor(float(gamma) * np.arange(n + 1)).astype(np.int32))
+
+
+def _tail_of_rank(rank, n, gamma):
+  """``[n]`` float mask of the components ``floor(gamma r) <= j < r`` (``r = rank``)."""
+  r = jnp.clip(jnp.asarray(rank, jnp.int32), 0, n)
+  start = _floor_gamma(gamma, n)[r]
+  j = jnp.arange(n)
+  return ((j >= start) & (j < r)).astype(jnp.float32)
+
+
 def _tail(keep, gamma):
   """``[r]`` float mask of the components ``floor(gamma r_i) <= j < r_i``.
 
   ``keep`` is the client's ``[r]`` bool rank mask (True on its first ``r_i``).
   """
-  r = jnp.sum(keep.astype(jnp.int32))
-  start = jnp.floor(gamma * r.astype(jnp.float32)).astype(jnp.int32)
-  j = jnp.arange(keep.shape[0])
-  return ((j >= start) & (j < r)).astype(jnp.float32)
+  return _tail_of_rank(jnp.sum(keep.astype(jnp.int32)), keep.shape[0], gamma)
 
 
 def self_pruning_penalty(gamma: float, lam: float) -> Callable[[Any, Any], jax.Array]:
@@ -245,23 +288,119 @@ def self_pruning_penalty(gamma: float, lam: float) -> Callable[[Any, Any], jax.A
   return regularizer
 
 
+def _pair_tail_norm(a, b, tail):
+  return _safe_norm(a * tail) * _safe_norm(b * tail[:, None])
+
+
 def pruned_rank(a: jax.Array, b: jax.Array, a_start: jax.Array, b_start: jax.Array,
-                rank: Any, gamma: float) -> jax.Array:
-  """HetLoRA's pruning rule for one LoRA module (pure; not wired into the round).
+                rank: Any, gamma: float, min_rank: int = 1) -> jax.Array:
+  """HetLoRA's pruning rule for one LoRA module (`prune_client_rank` for a model).
 
-  After local training the client keeps rank ``floor(gamma r)`` when the norm of
-  the regularised tail, ``||A_{:, g:r}|| ||B_{g:r, :}||``, is smaller than at
-  the start of local training; else ``r``.
+  After local training the client keeps rank ``max(floor(gamma r), min_rank)``
+  when the norm of the regularised tail, ``||A_{:, g:r}|| ||B_{g:r, :}||``, is
+  smaller than at the start of local training; else ``r``.
   """
-  keep = jnp.arange(b.shape[-2]) < rank
-  tail = _tail(keep, gamma)
+  tail = _tail_of_rank(rank, b.shape[-2], gamma)
+  shrink = _pair_tail_norm(a, b, tail) < _pair_tail_norm(a_start, b_start, tail)
+  return _prune(shrink, rank, b.shape[-2], gamma, min_rank)
 
-  def norm(x, y):
-    return _safe_norm(x * tail) * _safe_norm(y * tail[:, None])
 
-  shrink = norm(a, b) < norm(a_start, b_start)
-  g = jnp.floor(gamma * jnp.asarray(rank, jnp.float32)).astype(jnp.int32)
-  return jnp.where(shrink, g, jnp.asarray(rank, jnp.int32))
+def _prune(shrink, rank, n, gamma, min_rank):
+  rank = jnp.asarray(rank, jnp.int32)
+  g = jnp.maximum(_floor_gamma(gamma, n)[jnp.clip(rank, 0, n)], min_rank)
+  return jnp.where(shrink & (g < rank), g, rank)
+
+
+def tail_norm(params: Any, rank: Any, gamma: float) -> jax.Array:
+  """``sum_modules ||A_{:, g:r}||_F ||B_{g:r, :}||_F``, ``g = floor(gamma r)``.
+
+  The self-pruning penalty divided by lambda, for a client of rank ``rank``
+  (one rank for every LoRA pair of ``params``).
+  """
+  total = jnp.zeros((), jnp.float32)
+  for path in lora_pair_paths(params):
+    node = _get(params, path)
+    tail = _tail_of_rank(rank, node[_B].shape[-2], gamma)
+    total = total + _pair_tail_norm(node[_A], node[_B], tail)
+  return total
+
+
+def prune_client_rank(local: Any, start: Any, rank: Any, gamma: float,
+                      min_rank: int = 1) -> jax.Array:
+  """HetLoRA's rank self-pruning rule for one client (pure).
+
+  Args:
+    local: the client's trainable params at the end of local training.
+    start: its params at the start of local training (the global factors
+      truncated to its rank).
+    rank: its rank this round (int, traced or not).
+    gamma: the decay factor in (0, 1).
+    min_rank: the rank never drops below this.
+
+  Returns:
+    int32: ``max(floor(gamma rank), min_rank)`` when ``tail_norm(local) <
+    tail_norm(start)`` (the penalised tail shrank over local training), else
+    ``rank``.
+  """
+  n = min(_get(local, p)[_B].shape[-2] for p in lora_pair_paths(local))
+  shrink = tail_norm(local, rank, gamma) < tail_norm(start, rank, gamma)
+  return _prune(shrink, rank, n, gamma, min_rank)
+
+
+class RankStore(NamedTuple):
+  """A ``client_masks`` hook whose ranks live in the per-client store.
+
+  `fedjax_fm.engine.build_round` recognises it by ``store_key``: ``init`` fills
+  ``client_store[store_key]`` (``num_clients -> int32 [num_clients]``), a client's
+  mask is ``masks(its stored rank)``, and after local training
+  ``after_training(rank, start, delta) -> (new rank, mask of what it sends)``
+  gives the rank written back to the store (a client whose update does not
+  arrive keeps its rank).
+  """
+  init: Callable[[int], jax.Array]
+  masks: Callable[[jax.Array], Any]
+  after_training: Callable[[jax.Array, Any, Any], tuple[jax.Array, Any]]
+  store_key: str = STORE_KEY
+
+
+def rank_store(params: Any, seed: int, ranks: Sequence[int],
+               fractions: Sequence[float] | None = None, *,
+               prune_gamma: float | None = None, min_rank: int = 1) -> RankStore:
+  """Per-client ranks in the store, initialised by `client_rank`, optionally pruned.
+
+  Args:
+    params: the trainable params (or their shapes) with LoRA pairs.
+    seed, ranks, fractions: the initial ranks (`client_rank`).
+    prune_gamma: HetLoRA's rank self-pruning (`prune_client_rank` with this
+      gamma) at the end of every client's local training; the client sends its
+      factors at the new rank. None: ranks stay at their initial values (the
+      same masks as `client_masks_fn`).
+    min_rank: the smallest rank pruning reaches.
+
+  Returns:
+    A `RankStore` for ``build_round(client_masks=...)``.
+  """
+  if prune_gamma is not None and not 0.0 < prune_gamma < 1.0:
+    raise ValueError(f'prune_gamma must be in (0, 1), got {prune_gamma!r}')
+  if min_rank < 1:
+    raise ValueError(f'min_rank must be >= 1, got {min_rank!r}')
+  client_masks_fn(params, seed, ranks, fractions)   # validates the ranks against the factors
+  shapes = jax.eval_shape(lambda p: p, params)
+
+  def init(num_clients):
+    return client_rank(seed, np.arange(num_clients), ranks, fractions).astype(jnp.int32)
+
+  def masks(rank):
+    return rank_masks(shapes, rank)
+
+  def after_training(rank, start, delta):
+    if prune_gamma is None:
+      return rank, masks(rank)
+    local = jax.tree.map(jnp.add, start, delta)
+    new = prune_client_rank(local, start, rank, prune_gamma, min_rank)
+    return new, masks(new)
+
+  return RankStore(init, masks, after_training)
 
 
 def sparsity_weighted() -> Aggregator:
@@ -273,7 +412,9 @@ def sparsity_weighted() -> Aggregator:
   out); other leaves (e.g. a classifier head) get the usual weighted mean.
   When every valid client's product is 0 the module falls back to the weighted
   mean. Layers stacked on a leading axis (``model.scan_layers``) share one
-  weight per stack. Streaming: the accumulator holds ``sum_i s_i dA_i``, ``sum_i s_i dB_i``
+  weight per stack. Streaming: the accumulator holds ``sum_i s_i A_i``, ``sum_i s_i B_i``
+  (the local factors, not the deltas: a component no client sent averages to
+  exactly 0, so the rank self-pruning rule later sees an exact 0 tail there)
   and ``sum_i s_i`` per module.
 
   Returns:
@@ -309,7 +450,7 @@ def sparsity_weighted() -> Aggregator:
       s = jnp.sqrt(jnp.maximum(jnp.sum(ga * gb, axis=(1, 2)), 0.0))
       s = jnp.where(valid, s, 0.0)
       sa, sb, st = sums[i]
-      out[i] = (sa + jnp.tensordot(s, da, axes=1), sb + jnp.tensordot(s, db, axes=1),
+      out[i] = (sa + jnp.tensordot(s, a_i, axes=1), sb + jnp.tensordot(s, b_i, axes=1),
                 st + jnp.sum(s))
     return mean.accumulate(macc, updates, weights), out
 
@@ -319,11 +460,12 @@ def sparsity_weighted() -> Aggregator:
     smallest = jnp.asarray(jnp.inf, jnp.float32)
     for i, path in enumerate(lora_pair_paths(params)):
       sa, sb, st = sums[i]
-      node = _get(delta, path)
+      node, pnode = _get(delta, path), _get(params, path)
       ok = st > 0
       safe = jnp.where(ok, st, 1.0)
-      node[_A] = jnp.where(ok, sa / safe, node[_A]).astype(node[_A].dtype)
-      node[_B] = jnp.where(ok, sb / safe, node[_B]).astype(node[_B].dtype)
+      for name, total in ((_A, sa), (_B, sb)):
+        new = total / safe - jnp.asarray(pnode[name], jnp.float32)
+        node[name] = jnp.where(ok, new, node[name]).astype(node[name].dtype)
       smallest = jnp.minimum(smallest, st)
     return delta, dict(info, hetlora_norm_sum=jnp.where(jnp.isfinite(smallest), smallest, 0.0))
 

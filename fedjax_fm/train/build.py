@@ -208,6 +208,11 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
     hetero['client_masks'] = peft.hetlora.client_masks_fn(
         split.trainable, config.seed, tuple(p.ranks),
         tuple(p.rank_fractions) if p.rank_distribution == 'tiers' else None)
+    if p.get('hetlora_prune', False):   # ranks in the per-client store, self-pruned
+      hetero['client_masks'] = peft.hetlora.rank_store(
+          split.trainable, config.seed, tuple(p.ranks),
+          tuple(p.rank_fractions) if p.rank_distribution == 'tiers' else None,
+          prune_gamma=p.hetlora_gamma)
     if p.hetlora_lambda:
       hetero['client_regularizer'] = peft.hetlora.self_pruning_penalty(
           p.hetlora_gamma, p.hetlora_lambda)
