@@ -202,7 +202,8 @@ def test_data_has_every_tier():
   assert set(ranks_of(make_round_data()['client_id'])) == set(RANKS)
 
 
-@pytest.mark.parametrize('mode', ['fedit', 'hetlora', 'stack', 'product'])
+@pytest.mark.parametrize('mode', ['hetlora', *(pytest.param(m, marks=pytest.mark.slow)
+                                                for m in ('fedit', 'stack', 'product'))])
 def test_modes_match_per_client_reference_vmap(mode):
   data = make_round_data()
   state, metrics = run_round(build(mode), data)

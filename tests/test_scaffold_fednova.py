@@ -329,8 +329,8 @@ def _lora_loss(params, frozen, batch, key):
 
 
 @pytest.mark.parametrize('algo,mode', [
-    ('scaffold', 'fedit'), *(pytest.param(a, m, marks=pytest.mark.slow) for a, m in
-                             (('scaffold', 'ffa'), ('fednova', 'fedit'), ('fednova', 'ffa')))])
+    *(pytest.param(a, m, marks=pytest.mark.slow) for a, m in
+      (('scaffold', 'fedit'), ('scaffold', 'ffa'), ('fednova', 'fedit'), ('fednova', 'ffa')))])
 def test_lora_modes_equal_the_plain_mean(mode, algo):
   """FedIT / FFA are weighted means of the factors: the round equals the default mean's."""
   from fedjax_fm.peft import lora_aggregation  # pylint: disable=g-import-not-at-top
