@@ -90,6 +90,29 @@ class FederatedRound(NamedTuple):
   frozen_view: Callable[[ServerState, Any], Any] | None = None      # the base clients train on
 
 
+def client_metrics(cm: dict, mask: jax.Array) -> dict:
+  """The metrics every round reports from its clients' outputs.
+
+  Args:
+    cm: per-client outputs ``[C]``: ``loss``, ``examples``, ``steps``,
+      ``update_norm`` and ``finite`` (the update reached the aggregate).
+    mask: bool ``[C]``, False for padding (and dropped) clients.
+  """
+  fmask = mask.astype(jnp.float32)
+  ok = mask & cm['finite'] & jnp.isfinite(cm['loss'])   # clients counted in the loss
+  return {
+      'train_loss': jnp.sum(jnp.where(ok, cm['loss'], 0.0)) / jnp.maximum(jnp.sum(ok), 1),
+      'client_loss': cm['loss'],
+      'client_examples': cm['examples'],
+      'client_update_norm': cm['update_norm'],
+      'client_mask': mask,
+      'num_clients': jnp.sum(fmask),
+      'examples': jnp.sum(cm['examples'] * fmask),
+      'steps': jnp.sum(cm['steps'] * fmask),
+      'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
+  }
+
+
 def _is_transformation(x) -> bool:
   return hasattr(x, 'init') and hasattr(x, 'update')
 
@@ -541,23 +564,14 @@ def build_round(loss_fn: client_lib.LossFn,
                          state.client_store, outputs['client_state'])
 
     fmask = mask.astype(jnp.float32)
-    ok = mask & cm['finite'] & jnp.isfinite(cm['loss'])   # clients counted in the loss
     n = jnp.sum(fmask)
     update_norm, param_norm = uplink_lib.tree_norms(mean_delta, params)   # one reduction
     metrics = {
-        'train_loss': jnp.sum(jnp.where(ok, cm['loss'], 0.0)) / jnp.maximum(jnp.sum(ok), 1),
-        'client_loss': cm['loss'],
-        'client_examples': cm['examples'],
-        'client_update_norm': cm['update_norm'],
-        'client_mask': mask,
-        'num_clients': n,
-        'examples': jnp.sum(cm['examples'] * fmask),
-        'steps': jnp.sum(cm['steps'] * fmask),
+        **client_metrics(cm, mask),
         'uplink_bytes': n * float(uplink_bytes),
         'downlink_bytes': n * float(downlink_bytes),
         'update_norm': update_norm,
         'param_norm': param_norm,
-        'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
     }
     metrics.update(agg_info)
     if 'dropped' in round_data:   # system heterogeneity (engine.heterogeneity)

@@ -60,6 +60,7 @@ from fedjax_fm.engine import client as client_lib
 from fedjax_fm.engine import strategies
 from fedjax_fm.engine.round import FederatedRound
 from fedjax_fm.engine.round import ServerState
+from fedjax_fm.engine.round import client_metrics
 
 PAYLOADS = ('pairs', 'accumulator')
 PROBABILITIES = ('uniform', 'pro')
@@ -385,24 +386,14 @@ def build_fedkseed_round(loss_fn: client_lib.LossFn,
         count=record.count + acc['count'] if pro else record.count)
     new_state = state._replace(params=params, opt_state=new_record, round=state.round + 1)
 
-    ok = counted & jnp.isfinite(cm['loss'])
     update_norm = learning_rate * tree_util.tree_norm(step)
-    steps_per_client = cm['steps']
     metrics = {
-        'train_loss': jnp.sum(jnp.where(ok, cm['loss'], 0.0)) / jnp.maximum(jnp.sum(ok), 1),
-        'client_loss': cm['loss'],
-        'client_examples': cm['examples'],
-        'client_update_norm': cm['update_norm'],
-        'client_mask': mask,
-        'num_clients': n,
-        'examples': jnp.sum(cm['examples'] * fmask),
-        'steps': jnp.sum(steps_per_client * fmask),
+        **client_metrics(cm, mask),
         'uplink_bytes': n * float(payload_nbytes(num_seeds, round_data['step_mask'].shape[1],
                                                  payload)),
         'downlink_bytes': n * float(downlink_bytes),
         'update_norm': update_norm,
         'param_norm': tree_util.tree_norm(params),
-        'nonfinite_clients': jnp.sum(fmask * (1.0 - cm['finite'].astype(jnp.float32))),
         'seeds_used': jnp.sum((a != 0).astype(jnp.float32)),
     }
     if pro:
