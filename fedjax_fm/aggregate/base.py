@@ -68,6 +68,10 @@ class Aggregator(NamedTuple):
   aggregate: Callable[..., tuple[Any, dict]] | None = None
   base: BaseMerge | None = None
   name: str = ''
+  # Whether the result is the same for any grouping of the update's entries
+  # into leaves (it acts element by element or on the whole update): then a
+  # round may keep the layers stacked (`fedjax_fm.stacking`).
+  leafwise: bool = False
 
   @property
   def is_streaming(self) -> bool:
@@ -75,7 +79,7 @@ class Aggregator(NamedTuple):
 
 
 def streaming(zero, accumulate, finalize, *, base: BaseMerge | None = None,
-              name: str = '') -> Aggregator:
+              name: str = '', leafwise: bool = False) -> Aggregator:
   """A streaming (sum-decomposable) aggregator.
 
   Args:
@@ -86,20 +90,23 @@ def streaming(zero, accumulate, finalize, *, base: BaseMerge | None = None,
     finalize: ``finalize(acc, params) -> (delta, info)``.
     base: optional `BaseMerge` for rules that move the frozen base.
     name: a short name for logs.
+    leafwise: the result does not depend on how the entries are grouped into
+      leaves (element-wise or whole-update operations only).
   """
   return Aggregator(zero=zero, accumulate=accumulate, finalize=finalize, base=base,
-                    name=name)
+                    name=name, leafwise=leafwise)
 
 
-def whole_round(aggregate, *, name: str = '') -> Aggregator:
+def whole_round(aggregate, *, name: str = '', leafwise: bool = False) -> Aggregator:
   """A whole-round aggregator.
 
   Args:
     aggregate: ``aggregate(updates [C, ...], weights [C], params, *, context=None)
       -> (delta, info)``; ``context`` is a `RoundContext`.
     name: a short name for logs.
+    leafwise: as for `streaming`.
   """
-  return Aggregator(aggregate=aggregate, name=name)
+  return Aggregator(aggregate=aggregate, name=name, leafwise=leafwise)
 
 
 def reduce(aggregator: Aggregator, updates: Any, weights: jax.Array,

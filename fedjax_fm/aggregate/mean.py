@@ -44,4 +44,4 @@ def weighted_mean() -> Aggregator:
     mean = jax.tree.map(lambda t: t / safe, total)
     return mean, {'total_weight': wsum}
 
-  return streaming(zero, accumulate, finalize, name='mean')
+  return streaming(zero, accumulate, finalize, name='mean', leafwise=True)

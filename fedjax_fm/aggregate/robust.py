@@ -58,7 +58,7 @@ def _rule(fn: Callable[[Any, jax.Array], Any], name: str) -> Aggregator:
     total = jnp.sum(jnp.where(weights > 0, weights, 0.0))
     return fn(updates, weights), {'total_weight': total}
 
-  return whole_round(aggregate, name=name)
+  return whole_round(aggregate, name=name, leafwise=True)   # element-wise or whole-update rules
 
 
 def _valid(weights):
@@ -376,7 +376,7 @@ def norm_bounded_mean(max_norm: float) -> Aggregator:
     frac = n_clipped / jnp.maximum(n_live, 1.0)
     return mean, {'total_weight': wsum, 'clipped_fraction': frac}
 
-  return streaming(zero, accumulate, finalize, name='norm_bounded_mean')
+  return streaming(zero, accumulate, finalize, name='norm_bounded_mean', leafwise=True)
 
 
 def finite_mask(updates) -> jax.Array:

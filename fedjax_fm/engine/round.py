@@ -35,6 +35,7 @@ from fedjax_fm.engine import client as client_lib
 from fedjax_fm.engine import strategies
 from fedjax_fm.engine import uplink as uplink_lib
 from fedjax_fm.engine import fednova as fednova_lib
+from fedjax_fm import stacking as layout_lib
 from fedjax_fm.engine import scaffold as scaffold_lib
 
 
@@ -88,6 +89,9 @@ class FederatedRound(NamedTuple):
   downlink_bytes_per_client: int   # the broadcast trainable params
   apply_fn: Callable[..., tuple[ServerState, dict]] | None = None   # ``apply``, not jitted
   frozen_view: Callable[[ServerState, Any], Any] | None = None      # the base clients train on
+  layout: Any = None   # the `stacking.LayerStack` of ``stack_layers`` (None: canonical)
+  # ``ServerState.params`` in the model's own layout (identity unless ``stack_layers``)
+  canonical_params: Callable[[Any], Any] = lambda params: params
 
 
 def client_metrics(cm: dict, mask: jax.Array) -> dict:
@@ -117,6 +121,32 @@ def _is_transformation(x) -> bool:
   return hasattr(x, 'init') and hasattr(x, 'update')
 
 
+def _layer_layout(params_like, *, compressor, downlink_compressor, pruning, client_masks,
+                  scaffold, privacy, attack, aggregator,
+                  strict: bool) -> layout_lib.LayerStack | None:
+  """The `LayerStack` of ``stack_layers`` (None: nothing to stack, or a part that acts
+  leaf by leaf without ``strict``), or ValueError."""
+  per_leaf = [what for given, what in (
+      (compressor, 'compressor'), (downlink_compressor, 'downlink_compressor'),
+      (pruning, 'pruning'), (client_masks, 'client_masks'), (scaffold, 'scaffold'))
+      if given is not None]
+  if privacy is not None and (getattr(privacy, 'distributed', None) is not None
+                              or getattr(privacy, 'per_layer', True)):
+    per_leaf.append('privacy (per-layer clipping or a distributed mechanism)')
+  if attack is not None and attack[0] == 'noise':
+    per_leaf.append("attack 'noise'")
+  if not aggregator.leafwise:
+    per_leaf.append(f'aggregator {aggregator.name or "(unnamed)"!r} (not leafwise)')
+  if per_leaf and not strict:
+    return None
+  if per_leaf:
+    raise ValueError('stack_layers=True keeps the layers stacked as one array per leaf; '
+                     'these act leaf by leaf and would see a whole stack as one tensor: '
+                     + ', '.join(per_leaf) + '. Pass stack_layers=False.')
+  layout = layout_lib.layer_stack(params_like)
+  return layout if layout.num_stacked else None
+
+
 def build_round(loss_fn: client_lib.LossFn,
                 params_like: Any,
                 *,
@@ -140,6 +170,7 @@ def build_round(loss_fn: client_lib.LossFn,
                 donate: bool = False,
                 client_masks: Callable[[jax.Array], Any] | None = None,
                 client_regularizer: Callable[[Any, Any], jax.Array] | None = None,
+                stack_layers: bool | str = False,
                 ) -> FederatedRound:
   """Builds a federated round.
 
@@ -230,6 +261,18 @@ def build_round(loss_fn: client_lib.LossFn,
     client_regularizer: ``(params, mask) -> scalar`` added to every client's
       local objective (e.g. HetLoRA's rank self-pruning penalty); needs
       ``client_masks``.
+    stack_layers: keep the trainable params with their layers stacked
+      (`fedjax_fm.stacking`: ``layers.{i}`` subtrees become leaves
+      ``[num_layers, ...]``) in the server state and through the round;
+      ``loss_fn`` still receives the canonical params (slices, which a model
+      scanning its layers takes back as the stacks). The per-leaf work of the
+      round then does not grow with the depth. ``init`` takes the canonical
+      params; ``FederatedRound.canonical_params(state.params)`` gives them
+      back. The results are those of the canonical layout. Only with parts that act
+      element by element or on the whole update: not with a compressor,
+      pruning, ``client_masks``, SCAFFOLD, per-layer or distributed DP, a
+      ``noise`` attack or an aggregator that is not ``leafwise`` (ValueError).
+      ``'auto'``: stack when all parts allow it, else not.
 
   The per-client path after local training is the uplink chain
   (`fedjax_fm.engine.uplink`): clip (with ``privacy``) -> compress -> clip again
@@ -290,6 +333,16 @@ def build_round(loss_fn: client_lib.LossFn,
   if client_regularizer is not None and client_masks is None:
     raise ValueError('client_regularizer needs client_masks (it is given the client mask)')
   _rank_store = getattr(client_masks, 'store_key', None) is not None   # hetlora.RankStore
+  layout = None
+  if stack_layers not in (True, False, 'auto'):
+    raise ValueError(f"stack_layers must be True, False or 'auto', got {stack_layers!r}")
+  if stack_layers:
+    layout = _layer_layout(params_like, compressor=compressor,
+                           downlink_compressor=downlink_compressor, pruning=pruning,
+                           client_masks=client_masks, scaffold=scaffold, privacy=privacy,
+                           attack=attack, aggregator=aggregator,
+                           strict=stack_layers is True)
+  train_loss = layout.wrap_loss(loss_fn) if layout is not None else loss_fn
   compressor_given = compressor is not None
   compressor = compressor or compress_base.identity()
   steps = [uplink_lib.clip(privacy)] if privacy is not None else []
@@ -314,7 +367,8 @@ def build_round(loss_fn: client_lib.LossFn,
   server_factory = None if _is_transformation(server_optimizer) else server_optimizer
   reg_kw = {} if client_regularizer is None else {'regularizer': client_regularizer}
   client_update = (None if client_factory else
-                   client_lib.make_client_update(loss_fn, client_optimizer, prox_mu, **reg_kw))
+                   client_lib.make_client_update(train_loss, client_optimizer, prox_mu,
+                                                 **reg_kw))
 
   def server_tx(hparams):
     return server_factory(hparams) if server_factory else server_optimizer
@@ -337,6 +391,8 @@ def build_round(loss_fn: client_lib.LossFn,
     if (client_factory or server_factory) and hparams is None:
       raise ValueError('this round takes its optimizers\' hyperparameters from the state: '
                        'init(params, key, hparams={...})')
+    if layout is not None:   # the state keeps the layers stacked
+      params = layout.stack(params)
     store = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape).copy(), uplink.init(params))
     if _rank_store:   # per-client ranks (peft.hetlora.RankStore)
@@ -370,7 +426,7 @@ def build_round(loss_fn: client_lib.LossFn,
     params, masks = broadcast['params'], broadcast['masks']
     train_key, encode_key = jax.random.split(x['key'])
     update_fn = client_update or client_lib.make_client_update(
-        loss_fn, client_factory(x['hparams']), prox_mu, **reg_kw)
+        train_loss, client_factory(x['hparams']), prox_mu, **reg_kw)
     if client_masks is not None:   # the client's share of the params (e.g. its LoRA rank)
       if _rank_store:   # from its stored rank (peft.hetlora.RankStore)
         stored = x['client_state'][client_masks.store_key]
@@ -547,8 +603,13 @@ def build_round(loss_fn: client_lib.LossFn,
       new['prune'] = state.prune._replace(scores=mean_scores)
     if privacy is not None:
       noise_key = jax.random.fold_in(round_key, jnp.uint32(0xFFFFFFFF))
-      mean_delta = privacy.noise(noise_key, mean_delta, jnp.sum(mask.astype(jnp.float32)),
-                                 clip_norm=clip_norm)
+      if layout is not None:   # the noise is drawn leaf by leaf of the canonical layout
+        mean_delta = layout.stack(privacy.noise(
+            noise_key, layout.unstack(mean_delta), jnp.sum(mask.astype(jnp.float32)),
+            clip_norm=clip_norm))
+      else:
+        mean_delta = privacy.noise(noise_key, mean_delta, jnp.sum(mask.astype(jnp.float32)),
+                                   clip_norm=clip_norm)
       if adaptive_clip is not None:
         new['clip'] = adaptive_clip.update(
             state.clip, cm['unclipped'], mask.astype(jnp.float32),
@@ -598,4 +659,7 @@ def build_round(loss_fn: client_lib.LossFn,
   return FederatedRound(init=init, apply=jitted, uplink_bytes_per_client=uplink_bytes,
                         downlink_bytes_per_client=downlink_bytes, apply_fn=apply,
                         frozen_view=(jax.jit(frozen_view) if aggregator.base is not None
-                                     else frozen_view))
+                                     else frozen_view),
+                        layout=layout,
+                        canonical_params=(jax.jit(layout.unstack) if layout is not None
+                                          else lambda params: params))

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_fm import stacking
+
 __all__ = [
     'REMAT_POLICIES',
     'check_remat',
@@ -122,6 +124,11 @@ def same_structure(splits: Sequence[tuple[Any, Any]]) -> bool:
              for g, s in splits[1:])
 
 
+def _stack_leaves(*leaves: Any) -> jax.Array:
+  stacked = stacking.already_stacked(leaves)
+  return _stack(leaves) if stacked is None else stacked
+
+
 def _index(tree: Any, i: int) -> Any:
   return jax.tree.map(lambda a: a[i], tree)
 
@@ -206,8 +213,7 @@ def scan_layers(
     first = (splits[0][1], carry, _index(xs, 0), _index(keys, 0))
     out = jax.eval_shape(apply, *first)
     if _signature(out) == _signature(carry):
-      stacked = jax.tree.map(lambda *a: _stack(a),
-                             *[state for _, state in splits])
+      stacked = jax.tree.map(_stack_leaves, *[state for _, state in splits])
       step = _checkpoint(apply, remat, prevent_cse=False)
 
       def scan_step(c, sliced):

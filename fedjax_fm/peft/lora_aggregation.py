@@ -69,6 +69,7 @@ from fedjax_fm.aggregate.base import Aggregator
 from fedjax_fm.aggregate.base import BaseMerge
 from fedjax_fm.aggregate.base import streaming
 from fedjax_fm.aggregate.mean import weighted_mean
+from fedjax_fm.stacking import STACKED
 from fedjax_fm.peft.split import Split
 
 __all__ = [
@@ -533,7 +534,12 @@ def merge_into_base(frozen: Any, delta_w: Any, scaling: Any = 1.0) -> dict:
 
 
 def _pair_leaves(params):
-  """``[(path, A [in, r], B [r, out])]`` of the trainable tree's LoRA pairs."""
+  """``[(path, A [in, r], B [r, out])]`` of the trainable tree's LoRA pairs.
+
+  In a tree whose layers are stacked (`fedjax_fm.stacking`: a path through
+  `~fedjax_fm.models.scan.STACKED`), ``A [L, in, r]`` and ``B [L, r, out]`` hold
+  the ``L`` layers' pairs.
+  """
   return [(path, _get(params, path)[_A], _get(params, path)[_B])
           for path in lora_pair_paths(params)]
 
@@ -566,10 +572,24 @@ def _probe_matrix(path, dout, probes):
   return np.random.default_rng(seed).standard_normal((dout, probes)).astype(np.float32)
 
 
+def _pair_probes(path, b, probes):
+  """`_probe_matrix` of a pair, or ``[L, out, P]``, one per layer, of a stacked pair."""
+  if STACKED not in path:
+    return _probe_matrix(path, b.shape[-1], probes)
+  return np.stack([
+      _probe_matrix(tuple(i if k == STACKED else k for k in path), b.shape[-1], probes)
+      for i in range(b.shape[0])])
+
+
+def _pair_norms(m):
+  """Frobenius norms of the ``[..., in, out]`` matrices of ``m``."""
+  return jnp.sqrt(jnp.sum(jnp.square(m), axis=(-2, -1)))
+
+
 def _dense_sums(params):
   out = {}
   for path, a, b in _pair_leaves(params):
-    _set_in(out, path, jnp.zeros((a.shape[0], b.shape[1]), jnp.float32))
+    _set_in(out, path, jnp.zeros(a.shape[:-1] + b.shape[-1:], jnp.float32))
   return out
 
 
@@ -577,7 +597,7 @@ def _add_dense(sums, updates, valid, w, params):
   out = {}
   for path, _, _ in _pair_leaves(params):
     a_i, b_i = _client_factors(params, updates, path, valid)
-    _set_in(out, path, _get(sums, path) + jnp.einsum('k,kir,kro->io', w, a_i, b_i))
+    _set_in(out, path, _get(sums, path) + jnp.einsum('k,k...ir,k...ro->...io', w, a_i, b_i))
   return out
 
 
@@ -645,7 +665,7 @@ def fedit(error: str = 'probe', probes: int = 16) -> Aggregator:
       return mean.zero(params), _dense_sums(params)
     sums = {}
     for path, a, _ in _pair_leaves(params):
-      _set_in(sums, path, jnp.zeros((a.shape[0], probes), jnp.float32))
+      _set_in(sums, path, jnp.zeros(a.shape[:-1] + (probes,), jnp.float32))
     return mean.zero(params), sums
 
   def accumulate(acc, updates, weights, params):
@@ -659,9 +679,9 @@ def fedit(error: str = 'probe', probes: int = 16) -> Aggregator:
     out = {}
     for path, _, b in _pair_leaves(params):
       a_i, b_i = _client_factors(params, updates, path, valid)
-      z = _probe_matrix(path, b.shape[-1], probes)
+      z = _pair_probes(path, b, probes)
       _set_in(out, path, _get(sums, path) + jnp.einsum(
-          'k,kir,krp->ip', w, a_i, jnp.einsum('kro,op->krp', b_i, z)))
+          'k,k...ir,k...rp->...ip', w, a_i, jnp.einsum('k...ro,...op->k...rp', b_i, z)))
     return macc, out
 
   def finalize(acc, params):
@@ -677,24 +697,25 @@ def fedit(error: str = 'probe', probes: int = 16) -> Aggregator:
       node = _get(delta, path)
       a_new = jnp.asarray(a, jnp.float32) + node[_A]
       b_new = jnp.asarray(b, jnp.float32) + node[_B]
-      if error == 'exact':
+      if error == 'exact':   # (stacked layers: a norm per layer)
         m = _get(sums, path) / safe - a_new @ b_new
-        err = err + jnp.where(wsum > 0, jnp.linalg.norm(m), 0.0)
+        err = err + jnp.where(wsum > 0, jnp.sum(_pair_norms(m)), 0.0)
         continue
-      z = _probe_matrix(path, b.shape[-1], probes)
+      z = _pair_probes(path, b, probes)
       mz = _get(sums, path) / safe - a_new @ (b_new @ z)
-      sq = jnp.sum(jnp.square(mz), axis=0)                 # [P]: ||M z_p||^2
-      est = jnp.mean(sq)
-      est_se = jnp.std(sq, ddof=1) / jnp.sqrt(float(probes))
+      sq = jnp.sum(jnp.square(mz), axis=-2)                # [..., P]: ||M z_p||^2
+      est = jnp.mean(sq, axis=-1)
+      est_se = jnp.std(sq, axis=-1, ddof=1) / jnp.sqrt(float(probes))
       root = jnp.sqrt(jnp.maximum(est, 0.0))
-      err = err + jnp.where(wsum > 0, root, 0.0)
-      se = se + jnp.where(wsum > 0, est_se / (2.0 * jnp.maximum(root, 1e-30)), 0.0)
+      err = err + jnp.where(wsum > 0, jnp.sum(root), 0.0)
+      se = se + jnp.where(wsum > 0, jnp.sum(est_se / (2.0 * jnp.maximum(root, 1e-30))), 0.0)
     info = dict(info, lora_aggregation_error=err)
     if error == 'probe':
       info['lora_aggregation_error_se'] = se
     return delta, info
 
-  return streaming(zero, accumulate, finalize, name='fedit')
+  # Element-wise means; the error terms take stacked layers pair by pair.
+  return streaming(zero, accumulate, finalize, name='fedit', leafwise=True)
 
 
 def _has_key(tree: Any, name: str) -> bool:
@@ -731,7 +752,7 @@ def ffa() -> Aggregator:
     delta, info = mean.finalize(acc)
     return delta, dict(info, lora_aggregation_error=jnp.zeros((), jnp.float32))
 
-  return streaming(zero, mean.accumulate, finalize, name='ffa')
+  return streaming(zero, mean.accumulate, finalize, name='ffa', leafwise=True)
 
 
 def _dense_factors(m, rank):

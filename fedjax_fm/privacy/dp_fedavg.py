@@ -224,4 +224,5 @@ def fixed_denominator_mean(expected_clients: float) -> aggregate_base.Aggregator
     mean = jax.tree.map(lambda t: t / expected_clients, total)
     return mean, {'num_clients': count, 'total_weight': count}
 
-  return aggregate_base.streaming(zero, accumulate, finalize, name='fixed_denominator_mean')
+  return aggregate_base.streaming(zero, accumulate, finalize, name='fixed_denominator_mean',
+                                  leafwise=True)

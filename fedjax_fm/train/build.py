@@ -225,7 +225,10 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str | None = No
         num_clients=population, strategy=f.strategy, chunk_size=chunk_size,
         mesh=mesh, prox_mu=f.prox_mu, aggregator=aggregator, privacy=dp,
         adaptive_clip=adaptive, attack=attack, compressor=uplink,
-        downlink_compressor=downlink, pruning=pruning, **hetero, **algo_kw)
+        downlink_compressor=downlink, pruning=pruning, **hetero, **algo_kw,
+        # Layers scanned by the model stay stacked in the round, where every part allows it.
+        stack_layers='auto' if config.model.get('scan_layers', False) and not sparse_stage
+        else False)
 
   if mesh is not None:
     split = split._replace(frozen=sharding.shard_frozen(split.frozen, mesh))

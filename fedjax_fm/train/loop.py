@@ -374,11 +374,12 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
       if per_client_logged and int(m['nonfinite_clients']):
         line['nonfinite_clients'] = int(m['nonfinite_clients'])
       if (r + 1) % cfg.eval.every == 0 or r + 1 == last:
-        record.last_eval = exp.evaluate(state.params, fed.frozen_view(state, frozen))
+        params = fed.canonical_params(state.params)   # (the round may keep layers stacked)
+        record.last_eval = exp.evaluate(params, fed.frozen_view(state, frozen))
         line['eval'] = record.last_eval
         if _generative(exp):   # generated, saved to predictions.jsonl, scored
           line['generation'] = record_predictions(
-              exp, state.params, fed.frozen_view(state, frozen), workdir, r + 1)['generation']
+              exp, params, fed.frozen_view(state, frozen), workdir, r + 1)['generation']
       out.write(json.dumps(line) + '\n')
       out.flush()
       if writer is not None:
@@ -400,7 +401,9 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
   ckpt.close()
   if writer is not None:
     writer.close()
-  return state, fed.frozen_view(state, frozen), record
+  # The params in the model's layout (the round may keep its layers stacked).
+  return (state._replace(params=fed.canonical_params(state.params)),
+          fed.frozen_view(state, frozen), record)
 
 
 def _on_device(exp: Experiment, data: dict) -> dict:
