@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ['STACKED', 'LayerStack', 'already_stacked', 'canonical_path', 'layer_stack',
+__all__ = ['STACKED', 'LayerStack', 'Stacked', 'already_stacked', 'canonical_path', 'layer_stack',
            'stacked_views']
 
 # The key that stands for the layer indices in a params tree whose layers are
@@ -169,18 +169,36 @@ class LayerStack(NamedTuple):
 
     The canonical params it is given are slices of the stacked ones, recorded
     in `stacked_views`: a model scanning its layers takes the stacks
-    themselves.
+    themselves. A ``frozen`` given as `Stacked` is unstacked the same way.
     """
     if not self.num_stacked:
       return loss_fn
 
-    def stacked_loss(trainable, *args, **kwargs):
+    def stacked_loss(trainable, frozen, *args, **kwargs):
       views: dict[int, tuple[Any, int, Any]] = {}
       trainable = self.views(trainable, views)
+      if isinstance(frozen, Stacked):
+        frozen = frozen.layout.views(frozen.tree, views)
       with stacked_views(views):
-        return loss_fn(trainable, *args, **kwargs)
+        return loss_fn(trainable, frozen, *args, **kwargs)
 
     return stacked_loss
+
+
+@jax.tree_util.register_pytree_node_class
+class Stacked:
+  """A tree in its stacked form beside its `LayerStack` (a pytree; the layout is static)."""
+
+  def __init__(self, layout: LayerStack, tree: Any):
+    self.layout = layout
+    self.tree = tree
+
+  def tree_flatten(self):
+    return (self.tree,), self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, children):
+    return cls(layout, children[0])
 
 
 def _paths(tree: Any) -> list[tuple[Any, ...]]:

@@ -4,13 +4,15 @@ The round is the experiment binary's (``fedjax_fm.train.build_experiment`` on
 ``experiments/configs/decoder_lora_lm.py:tiny``: LoRA on every projection,
 Adam clients, the chunked strategy) with ``model.num_layers`` set to each
 depth, built once with ``model.scan_layers=True`` (one ``lax.scan`` over the
-stacked layers) and once with ``False`` (the layers unrolled). Compile time is
+stacked layers; the binary then keeps the trainable params stacked in the server
+state and through the round, ``build_round(stack_layers='auto')``) and once with
+``False`` (the layers unrolled, one subtree per layer). Compile time is
 ``apply.lower(...)`` plus ``.compile()`` of the whole round, measured side by
 side in one process. At ``--step_layers`` both compiled rounds are also run,
 alternately, to compare the time per round.
 
   python scripts/bench_depth.py                          # depths 2 6 12 30
-  python scripts/bench_depth.py --depths 2 30 --repeats 3 --remat dots
+  python scripts/bench_depth.py --depths 2 30 --remat dots
 
 The last line printed is ``{"bench": "depth", ...}``.
 """
@@ -58,10 +60,15 @@ def make_config(num_layers: int, scan: bool):
   return c
 
 
+STACKED = {}   # depth -> whether the scanned round kept its layers stacked
+
+
 def compiled_round(num_layers: int, scan: bool, workdir: str, task_data):
   """(compiled apply, its arguments, lower seconds, compile seconds)."""
   config = make_config(num_layers, scan)
   exp = train.build_experiment(config, workdir, task_data=task_data)
+  if scan:
+    STACKED[num_layers] = exp.fed_round.layout is not None
   state = exp.fed_round.init(exp.split.trainable, jax.random.key(config.seed))
   data = jax.device_put(exp.round_data(0))
   t0 = time.perf_counter()
@@ -102,6 +109,8 @@ def main():
                         'compile_s': round(comp_s, 3), 'total_s': round(total, 3)}),
             flush=True)
       result[f'{mode}_l{depth}_compile_s'] = round(total, 3)
+      if scan:   # whether the round kept the layers stacked
+        result[f'scan_l{depth}_stacked'] = STACKED[depth]
       if depth == ARGS.step_layers:
         step_runs[mode] = (fn, args)
   lo, hi = min(ARGS.depths), max(ARGS.depths)

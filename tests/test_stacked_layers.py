@@ -163,7 +163,7 @@ CASES = {
                              'fl.clients_per_round': 6},
     'sharded': {'fl.strategy': 'sharded', 'fl.chunk_size': 1, 'fl.clients_per_round': 8},
 }
-FAST = ('fedit_probe_chunked',)
+FAST = ()   # each case builds and compiles two experiments: CI runs them
 
 
 @pytest.mark.parametrize('case', [pytest.param(c, marks=() if c in FAST else pytest.mark.slow)

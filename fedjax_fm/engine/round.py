@@ -577,6 +577,10 @@ def build_round(loss_fn: client_lib.LossFn,
     if scaffold is not None:
       broadcast['control'] = state.control
     base = frozen_view(state, frozen)
+    if layout is not None:   # the frozen layers too, once a round, not in every step
+      base_layout = layout_lib.layer_stack(base)
+      if base_layout.num_stacked:
+        base = layout_lib.Stacked(base_layout, base_layout.stack(base))
     acc, outputs = strategies.run_clients(
         strategy, per_client, make_reducer(start), broadcast, base, xs,
         chunk_size=chunk_size, mesh=mesh)
