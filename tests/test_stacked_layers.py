@@ -21,7 +21,6 @@ import pytest
 from flax import nnx
 
 from experiments.configs import decoder_lora_lm
-from fedjax_fm import aggregate
 from fedjax_fm import checkpoint
 from fedjax_fm import compress
 from fedjax_fm import engine
@@ -129,7 +128,7 @@ def _run(config, task_data, workdir, rounds=2):
 
 
 def _assert_same(ref, got):
-  (e0, s0, m0), (e1, s1, m1) = ref, got
+  (_, s0, m0), (e1, s1, m1) = ref, got
   params = jax.device_get(e1.fed_round.canonical_params(s1.params))
   assert jax.tree.structure(params) == jax.tree.structure(s0.params)
   for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(params)):
