@@ -12,16 +12,18 @@ per-layer subtrees are stacked leaf-wise under the key `STACKED`::
 
 A mapping is stacked when its keys are the integers ``0..n-1`` (``n >= 2``)
 and its values share one structure and their leaves' shapes and dtypes;
-everything else stays as it is. `LayerStack.unstack` maps back and records
-its slices in `stacked_views`, so a model that scans its layers takes the stacked arrays themselves (`LayerStack.wrap_loss`): the loss,
-its gradient and everything a round does per leaf then work on a number of
-leaves that does not grow with the depth.
+everything else stays as it is. `LayerStack.unstack` maps back;
+`LayerStack.wrap_loss` hands a loss the canonical tree as slices recorded in
+`stacked_views`, so a model that scans its layers takes the stacked arrays
+themselves: the loss, its gradient and everything a round does per leaf then
+work on a number of leaves that does not grow with the depth.
 
 Stacking changes nothing for what acts element by element or on the whole
 tree (SGD and Adam steps, weighted means, global norms and clipping, the
 non-finite guard). What acts per leaf (a top-k or a quantization scale per
 tensor, per-layer clipping, LoRA products) would see a whole stack as one
-tensor: `fedjax_fm.engine.build_round` rejects those with ``stack_layers``.
+tensor: `fedjax_fm.engine.build_round` rejects those with ``stack_layers=True``
+and keeps the canonical layout with ``'auto'``.
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def layer_stack(params_like: Any) -> LayerStack:
     if isinstance(node_plan, dict):
       if STACKED in node_plan and isinstance(node_plan[STACKED], tuple):
         by_index = {_layer_index(k): (k, v) for k, v in node.items()}
-        first_key, first = by_index[0]
+        _, first = by_index[0]
         for sub in _paths(first):
           members.append(tuple(canon[prefix + (by_index[i][0],) + sub]
                                for i in range(len(node))))

@@ -70,6 +70,7 @@ from fedjax_fm.aggregate.base import BaseMerge
 from fedjax_fm.aggregate.base import streaming
 from fedjax_fm.aggregate.mean import weighted_mean
 from fedjax_fm.stacking import STACKED
+from fedjax_fm.stacking import canonical_path
 from fedjax_fm.peft.split import Split
 
 __all__ = [
@@ -577,7 +578,7 @@ def _pair_probes(path, b, probes):
   if STACKED not in path:
     return _probe_matrix(path, b.shape[-1], probes)
   return np.stack([
-      _probe_matrix(tuple(i if k == STACKED else k for k in path), b.shape[-1], probes)
+      _probe_matrix(canonical_path(path, i), b.shape[-1], probes)
       for i in range(b.shape[0])])
 
 
