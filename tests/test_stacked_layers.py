@@ -211,6 +211,11 @@ def test_run_with_stacked_layers_resumes_bit_identically(tmp_path):
   # the evaluation (on the canonical params) ran every round and learned something
   evals = [m['eval']['loss'] for m in rounds]
   assert all(np.isfinite(evals)) and evals[-1] < evals[0]
+  # a checkpoint of the other layout is refused, naming the field
+  looped = config(4)
+  looped.model.scan_layers = False
+  with pytest.raises(ValueError, match='model.scan_layers'):
+    _quiet_run(looped, str(tmp_path / 'resumed'))
 
 
 @pytest.mark.parametrize('error', ['exact', 'probe'])

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_fm import stacking
 from fedjax_fm import tree_util
 from fedjax_fm.aggregate import base as aggregate_base
 from fedjax_fm.aggregate import mean as mean_lib
@@ -35,7 +36,6 @@ from fedjax_fm.engine import client as client_lib
 from fedjax_fm.engine import strategies
 from fedjax_fm.engine import uplink as uplink_lib
 from fedjax_fm.engine import fednova as fednova_lib
-from fedjax_fm import stacking as layout_lib
 from fedjax_fm.engine import scaffold as scaffold_lib
 
 
@@ -123,7 +123,7 @@ def _is_transformation(x) -> bool:
 
 def _layer_layout(params_like, *, compressor, downlink_compressor, pruning, client_masks,
                   scaffold, privacy, attack, aggregator,
-                  strict: bool) -> layout_lib.LayerStack | None:
+                  strict: bool) -> stacking.LayerStack | None:
   """The `LayerStack` of ``stack_layers`` (None: nothing to stack, or a part that acts
   leaf by leaf without ``strict``), or ValueError."""
   per_leaf = [what for given, what in (
@@ -143,7 +143,7 @@ def _layer_layout(params_like, *, compressor, downlink_compressor, pruning, clie
     raise ValueError('stack_layers=True keeps the layers stacked as one array per leaf; '
                      'these act leaf by leaf and would see a whole stack as one tensor: '
                      + ', '.join(per_leaf) + '. Pass stack_layers=False.')
-  layout = layout_lib.layer_stack(params_like)
+  layout = stacking.layer_stack(params_like)
   return layout if layout.num_stacked else None
 
 
@@ -578,9 +578,9 @@ def build_round(loss_fn: client_lib.LossFn,
       broadcast['control'] = state.control
     base = frozen_view(state, frozen)
     if layout is not None:   # the frozen layers too, once a round, not in every step
-      base_layout = layout_lib.layer_stack(base)
+      base_layout = stacking.layer_stack(base)
       if base_layout.num_stacked:
-        base = layout_lib.Stacked(base_layout, base_layout.stack(base))
+        base = stacking.Stacked(base_layout, base_layout.stack(base))
     acc, outputs = strategies.run_clients(
         strategy, per_client, make_reducer(start), broadcast, base, xs,
         chunk_size=chunk_size, mesh=mesh)

@@ -278,7 +278,15 @@ def _train_stage(exp: Experiment, workdir: str, metrics_path: str, first: int, l
                                      keep=cfg.checkpoint.keep)
   start = first
   if ckpt.latest_round() is not None:
-    state, extras = ckpt.restore(state)
+    try:
+      state, extras = ckpt.restore(state)
+    except ValueError as e:   # e.g. orbax: the saved tree has another structure
+      raise ValueError(
+          f'the checkpoint under {ckpt_dir} does not fit this run\'s server state: it was '
+          'written with another config that changes the state\'s structure (e.g. '
+          'model.scan_layers, which keeps the layers stacked, or the PEFT, compression or '
+          'algorithm settings). Resume with the config that wrote it, or use a new '
+          f'--workdir. ({str(e).splitlines()[0]})') from e
     start = int(state.round)
     record = RunRecord.restore(extras, clock)
     if previous is not None and previous.get('final_round') == start:
