@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
                                 # params, client updates and aggregation stay float32)
       scan_layers=False,        # transformers: one lax.scan over same-structure layers
       remat='none',             # transformers: recompute per layer: none | layer | dots
+      pretrained_layers=0,      # minilm: 0 = all its layers; N = its first N (smoke tests);
+                                # kinds built from scratch ignore it
   ))
   c.peft = ml_collections.ConfigDict(dict(
       method='lora', rank=8, alpha=16.0, dropout=0.0,
@@ -578,6 +580,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if not isinstance(c.model.scan_layers, bool):
     raise _err('model.scan_layers', c.model.scan_layers, 'must be True or False')
   _one_of(c, 'model.remat', ('none', 'layer', 'dots'))   # models.scan.REMAT_POLICIES
+  _int_range(c, 'model.pretrained_layers', 0, 6, 'all-MiniLM-L6-v2 has 6 layers')
 
   # peft
   _one_of(c, 'peft.method', reg.PEFT_METHODS.names)

@@ -45,10 +45,15 @@ FIELD_DOCS: dict[str, str] = {
                    'aggregation stay float32)',
     'model.scan_layers':
         'transformers: one lax.scan over the layers when they share one structure (the '
-        'layer is compiled once; same numbers as the loop; pays off from about 12 layers)',
+        'layer is compiled once, and the round keeps the trainable params stacked over layers '
+        'where every part allows it: compile time flat in depth; same numbers as the loop)',
     'model.remat':
         'transformers: recompute each layer in the backward pass: none | layer (nothing '
         'saved) | dots (projection matmuls saved)',
+    'model.pretrained_layers':
+        'minilm: 0 = all 6 pretrained layers; N = only the first N (a shallower model that '
+        'compiles faster, for smoke tests and the tiny configs); kinds built from scratch '
+        'ignore it',
 
     # ---- peft
     'peft.method': 'trainable part: full | lora | slora | adapter | bitfit | ia3 | prompt | '

@@ -181,7 +181,8 @@ def load_bert(
     param_dtype: parameter dtype.
     rngs_seed: seed of the classifier initialisation.
     **overrides: other :class:`~fedjax_fm.models.EncoderConfig` fields
-      (``pooling``, ``dropout``, ...).
+      (``pooling``, ``dropout``, ...); ``num_layers`` below the checkpoint's
+      keeps its first layers (a truncated model).
 
   Returns:
     ``(model, config)``.
@@ -190,13 +191,18 @@ def load_bert(
   _expect_types(config, ('bert',), 'load_bert')
   if num_labels is None:
     num_labels = len(config.get('id2label') or {}) or 2
+  depth = int(config['num_hidden_layers'])
+  layers = overrides.get('num_layers', depth)
+  if not isinstance(layers, int) or not 1 <= layers <= depth:
+    raise ValueError(f'num_layers must be an int in [1, {depth}] (the checkpoint\'s '
+                     f'{depth} layers; fewer: its first layers), got {layers!r}')
   cfg = encoder_config_from_hf(
       config, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
       **overrides,
   )
   model = build_and_load(
       lambda: Encoder(cfg, rngs=nnx.Rngs(rngs_seed)),
-      lambda m: load_bert_into(m, model_dir))
+      lambda m: load_bert_into(m, model_dir, first_layers=layers < depth))
   return model, cfg
 
 

@@ -424,10 +424,20 @@ def _normalize_keys(tensors: dict[str, Any], family: str) -> dict[str, Any]:
           for k, v in tensors.items()}
 
 
+_LAYER_INDEX = re.compile(r'(?:^|\.)(?:layer|layers|h)\.(\d+)\.')
+
+
+def _layer_of(key: str) -> int | None:
+  m = _LAYER_INDEX.search(key)
+  return None if m is None else int(m.group(1))
+
+
 def load_hf_weights(
     model: nnx.Module,
     source: str | os.PathLike | Mapping[str, np.ndarray],
     family: str | None = None,
+    *,
+    first_layers: bool = False,
 ) -> list[str]:
   """Copies HF weights into ``model`` in place (strict).
 
@@ -449,6 +459,9 @@ def load_hf_weights(
     source: a model directory / safetensors file / shard index, or a loaded
       ``{name: array}`` dict.
     family: weight family; inferred from the model type by default.
+    first_layers: the model may be shallower than the checkpoint: it takes
+      the checkpoint's first layers and the deeper layers' tensors are left
+      unread (a truncated pretrained model, e.g. for smoke tests).
 
   Returns:
     The HF keys that were loaded, sorted.
@@ -467,10 +480,12 @@ def load_hf_weights(
   ignored = [re.compile(p) for p in _IGNORED[family]]
   if 'lm_head.weight' not in wanted:
     ignored.append(re.compile(r'lm_head\.weight'))  # tied embeddings
+  depth = max((_layer_of(k) for k in wanted if _layer_of(k) is not None), default=-1) + 1
+  deeper = lambda k: first_layers and (_layer_of(k) or 0) >= depth   # pylint: disable=unnecessary-lambda-assignment
   missing = sorted(wanted - set(tensors))
   unexpected = sorted(
       k for k in tensors
-      if k not in wanted and not any(p.fullmatch(k) for p in ignored)
+      if k not in wanted and not any(p.fullmatch(k) for p in ignored) and not deeper(k)
   )
   if missing or unexpected:
     more = lambda x: ' ...' if len(x) > 10 else ''
@@ -529,11 +544,11 @@ def load_gpt2_into(model: GPT2, source) -> list[str]:
   return load_hf_weights(model, source, 'gpt2')
 
 
-def load_bert_into(model: Encoder, source) -> list[str]:
+def load_bert_into(model: Encoder, source, *, first_layers: bool = False) -> list[str]:
   """Copies HF BERT weights into an Encoder in place.
 
   A ``bert.`` prefix (as in ``BertForSequenceClassification``) is stripped;
   ``pooler.*``, ``cls.*`` and ``classifier.*`` are ignored (the classifier
-  keeps its initialisation). See :func:`load_hf_weights`.
+  keeps its initialisation). See :func:`load_hf_weights` (``first_layers``).
   """
-  return load_hf_weights(model, source, 'bert')
+  return load_hf_weights(model, source, 'bert', first_layers=first_layers)

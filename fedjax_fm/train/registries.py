@@ -65,9 +65,10 @@ def _scan(m) -> dict[str, Any]:
 
 def _minilm(config, task_data):
   m = config.model
+  first = {'num_layers': m.pretrained_layers} if m.get('pretrained_layers', 0) else {}
   model, _ = hf_load.load_minilm_encoder(task_data.num_labels, rngs_seed=config.seed,
                                          pooling=m.pooling, dropout=m.dropout, dtype=_dtype(m),
-                                         **_scan(m))
+                                         **_scan(m), **first)
   return model, models.classification_task()
 
 
