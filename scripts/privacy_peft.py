@@ -94,11 +94,12 @@ class Sizes:
   canary_words: int = 12
   bootstrap: int = 1000
   seed: int = 0
+  pretrained_layers: int = 0   # 0: all of MiniLM's layers; N: its first N (smoke runs)
 
 
 TINY = Sizes(rounds=2, num_clients=100, population=12, clients_per_round=4, local_steps=1,
              batch_size=4, max_epochs=1, max_len=16, chunk_size=2, canary_clients=1,
-             canaries_per_client=4, canary_words=6, bootstrap=50)
+             canaries_per_client=4, canary_words=6, bootstrap=50, pretrained_layers=2)
 
 
 # ------------------------------------------------------------------- config
@@ -115,6 +116,7 @@ def make_config(route: str, sizes: Sizes, *, dp: bool = False, epsilon: float = 
         f'engine implements it for model.kind={c.model.kind!r} only; allowed here: '
         f'{DEFAULT_ROUTES}')
   c.seed = sizes.seed
+  c.model.pretrained_layers = sizes.pretrained_layers
   c.num_rounds = sizes.rounds
   c.progress, c.tensorboard = False, False
   c.checkpoint.every = 0

@@ -82,7 +82,8 @@ def test_readme_classification_command(tmp_path):
   workdir = str(tmp_path / 'run')
   out = _run(argv, {'reviews.jsonl': str(data), _workdir(argv): workdir},
              ['--config.num_rounds=2', '--config.fl.local_steps=2', '--config.fl.batch_size=4',
-              '--config.data.max_len=16', '--config.eval.every=2', '--config.checkpoint.every=2'])
+              '--config.data.max_len=16', '--config.eval.every=2', '--config.checkpoint.every=2',
+              '--config.model.pretrained_layers=2'])
   assert 'labels (3 classes): 0=1, 1=3, 2=5' in out
   with open(os.path.join(workdir, 'summary.json'), encoding='utf-8') as fh:
     summary = json.load(fh)
