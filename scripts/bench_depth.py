@@ -1,7 +1,7 @@
 """Compile time of a federated LoRA round against the decoder's depth, layers scanned or not.
 
 The round is the experiment binary's (``fedjax_fm.train.build_experiment`` on
-``experiments/configs/decoder_lora_lm.py:tiny``: LoRA on every projection,
+``experiments/configs/decoder_lora_lm.py:tiny``: LoRA on 6 projections,
 Adam clients, the chunked strategy) with ``model.num_layers`` set to each
 depth, built once with ``model.scan_layers=True`` (one ``lax.scan`` over the
 stacked layers; the binary then keeps the trainable params stacked in the server

@@ -1,4 +1,4 @@
-"""Stacked layers in the round (`fedjax_fm.engine.layout`, ``build_round(stack_layers=)``).
+"""Stacked layers in the round (`fedjax_fm.stacking`, ``build_round(stack_layers=)``).
 
 The reference is the canonical layout (one subtree per layer, the layers run in
 a Python loop): a round whose layers are scanned and whose trainable params stay

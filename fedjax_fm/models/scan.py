@@ -10,8 +10,11 @@ and runs one ``jax.lax.scan`` whose body rebuilds a layer from the shared
 ``graphdef`` and its slice of the stacked state. The layer is traced and
 compiled once, whatever the depth; what still grows with the depth is the
 handling of the per-layer leaves themselves (stacking the states, unstacking
-their gradients, and whatever the caller does with each leaf). Otherwise the
-layers run in a Python loop; both give the same numbers.
+their gradients, and whatever the caller does with each leaf), unless the
+caller keeps its params stacked (`fedjax_fm.stacking`): leaves that are slices
+recorded in `fedjax_fm.stacking.stacked_views` are scanned as the stacks they
+came from. Otherwise the layers run in a Python loop; both give the same
+numbers.
 
 What differs between layers is data scanned alongside the states (``xs``,
 e.g. the index of a layer's attention mask), and each layer gets its own

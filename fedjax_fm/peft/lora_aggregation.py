@@ -538,7 +538,7 @@ def _pair_leaves(params):
   """``[(path, A [in, r], B [r, out])]`` of the trainable tree's LoRA pairs.
 
   In a tree whose layers are stacked (`fedjax_fm.stacking`: a path through
-  `~fedjax_fm.models.scan.STACKED`), ``A [L, in, r]`` and ``B [L, r, out]`` hold
+  `fedjax_fm.stacking.STACKED`), ``A [L, in, r]`` and ``B [L, r, out]`` hold
   the ``L`` layers' pairs.
   """
   return [(path, _get(params, path)[_A], _get(params, path)[_B])
