@@ -11,6 +11,7 @@ import pytest
 from fedjax_fm import config as config_lib
 from fedjax_fm import engine
 from fedjax_fm.engine import zeroth_order as zo
+from tests import run_testlib
 
 D = 10   # the quadratic's dimension: {'w': [4], 'm': [2, 3]}
 
@@ -510,17 +511,11 @@ def test_resume_is_bit_identical(tmp_path):
   assert resumed['uplink_bytes_total'] == straight['uplink_bytes_total']
   # The saved states, Pro's per-seed statistics included, are equal bit for bit...
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   from fedjax_fm import checkpoint  # pylint: disable=g-import-not-at-top
   c = _mlp_zo_config(4)
   exp = train.build_experiment(c, str(tmp_path))
   like = exp.fed_round.init(exp.split.trainable, jax.random.key(c.seed))
-  states = []
-  for name in ('a', 'b'):
-    ck = checkpoint.Checkpointer(os.path.join(tmp_path, name, 'checkpoints'))
-    state, _ = ck.restore(like, step=4)
-    ck.close()
-    states.append(state._replace(key=jax.random.key_data(state.key)))
+  states = run_testlib.saved_states(tmp_path, ('a', 'b'), like, step=4)
   assert checkpoint.tree_equal(states[0], states[1])
   assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(states[0].opt_state))
   # ... and the second process of the resumed run started at round 3: it resumed.

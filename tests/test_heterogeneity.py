@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -18,6 +17,7 @@ from fedjax_fm import config as config_lib
 from fedjax_fm import engine
 from fedjax_fm import train
 from fedjax_fm.engine import heterogeneity as het_lib
+from tests import run_testlib
 from tests import test_scaffold_fednova as ref
 
 IDS = np.arange(0, 400, 7)
@@ -202,12 +202,7 @@ def test_run_resumes_bit_identically(tmp_path, algo):
   from fedjax_fm import checkpoint  # pylint: disable=g-import-not-at-top
   exp = train.build_experiment(c, str(tmp_path))
   like = exp.fed_round.init(exp.split.trainable, jax.random.key(c.seed))
-  states = []
-  for name in ('straight', 'resumed'):
-    ck = checkpoint.Checkpointer(os.path.join(tmp_path, name, 'checkpoints'))
-    state, _ = ck.restore(like, step=3)
-    ck.close()
-    states.append(state._replace(key=jax.random.key_data(state.key)))
+  states = run_testlib.saved_states(tmp_path, ('straight', 'resumed'), like, step=3)
   assert checkpoint.tree_equal(states[0], states[1])
   if algo == 'scaffold':   # the server and client variates were saved and moved
     assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(states[0].control))

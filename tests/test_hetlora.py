@@ -20,6 +20,7 @@ from fedjax_fm.aggregate import base as aggregate_base
 from fedjax_fm.aggregate import mean as mean_lib
 from fedjax_fm.peft import hetlora
 from fedjax_fm.peft import lora_aggregation
+from tests import run_testlib
 
 D_IN, D_OUT, R, K = 6, 5, 4, 3
 ALPHA = 8.0
@@ -767,12 +768,7 @@ def test_run_with_pruning_resumes_bit_identically(minilm_dir, tmp_path):
   c = config(3)
   exp = train.build_experiment(c, str(tmp_path / 'like'))
   like = exp.fed_round.init(exp.split.trainable, jax.random.key(c.seed))
-  states = []
-  for name in ('straight', 'resumed'):
-    ck = checkpoint.Checkpointer(str(tmp_path / name / 'checkpoints'))
-    state, _ = ck.restore(like, step=3)
-    ck.close()
-    states.append(state._replace(key=jax.random.key_data(state.key)))
+  states = run_testlib.saved_states(tmp_path, ('straight', 'resumed'), like, step=3)
   assert checkpoint.tree_equal(states[0], states[1])
   initial = np.asarray(like.client_store[hetlora.STORE_KEY])
   stored = np.asarray(states[0].client_store[hetlora.STORE_KEY])

@@ -10,7 +10,6 @@ binary's builder.
 import contextlib
 import io
 import json
-import os
 import re
 
 import jax
@@ -29,6 +28,7 @@ from fedjax_fm import privacy as privacy_lib
 from fedjax_fm import train
 from fedjax_fm import stacking as layout_lib
 from fedjax_fm.models import scan as scan_lib
+from tests import run_testlib
 
 RTOL, ATOL = 1e-5, 1e-6   # f32: two programs (scan vs loop), two fusions
 
@@ -198,12 +198,7 @@ def test_run_with_stacked_layers_resumes_bit_identically(tmp_path):
   exp = train.build_experiment(config(2), str(tmp_path))
   assert exp.fed_round.layout is not None
   like = exp.fed_round.init(exp.split.trainable, jax.random.key(0))
-  states = []
-  for name in ('straight', 'resumed'):
-    ck = checkpoint.Checkpointer(os.path.join(tmp_path, name, 'checkpoints'))
-    state, _ = ck.restore(like, step=2)
-    ck.close()
-    states.append(state._replace(key=jax.random.key_data(state.key)))
+  states = run_testlib.saved_states(tmp_path, ('straight', 'resumed'), like, step=2)
   assert checkpoint.tree_equal(states[0], states[1])
   lines = [json.loads(x) for x in open(tmp_path / 'resumed' / 'metrics.jsonl')]
   rounds = [m for m in lines if 'round' in m]
