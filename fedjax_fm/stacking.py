@@ -52,9 +52,9 @@ def stacked_views(views: Mapping[int, tuple[Any, int, Any]]) -> Iterator[None]:
   """Lets `fedjax_fm.models.scan.scan_layers` scan arrays that are already stacked.
 
   ``views`` maps ``id(s)`` of each slice ``s = stacked[i]`` handed to a model
-  (e.g. by `LayerStack.wrap_loss`) to ``(stacked, i, s)``. Inside the context, when the ``i``-th layer's leaf is
-  ``stacked[i]`` for every layer, the scan takes ``stacked`` itself instead
-  of stacking the slices again: its gradient then flows to ``stacked``
+  (e.g. by `LayerStack.wrap_loss`) to ``(stacked, i, s)``. Inside the context,
+  when the ``i``-th layer's leaf is ``stacked[i]`` for every layer, the scan
+  takes ``stacked`` itself instead of stacking the slices again: its gradient then flows to ``stacked``
   without one slice per layer. Anything else is stacked as usual.
   """
   _VIEWS.append(views)
@@ -111,13 +111,15 @@ def _stackable(node: Mapping) -> bool:
   return all(_signature(by_index[i]) == first for i in range(1, len(node)))
 
 
-def _plan(node: Any) -> Any:
-  """The stacked tree's skeleton: leaves are ``('leaf',)`` or ``('stack', n)`` markers."""
-  if isinstance(node, Mapping):
-    if _stackable(node):
-      return {STACKED: ('stack', len(node))}
-    return {k: _plan(v) for k, v in node.items()}
-  return ('leaf',)
+def _skeleton(node: Any) -> Any:
+  """The stacked form of a tree of ``ShapeDtypeStruct``s."""
+  if not isinstance(node, Mapping):
+    return node
+  if _stackable(node):
+    layers = [v for _, v in sorted(node.items(), key=lambda kv: _layer_index(kv[0]))]
+    return {STACKED: jax.tree.map(
+        lambda *a: jax.ShapeDtypeStruct((len(a),) + a[0].shape, a[0].dtype), *layers)}
+  return {k: _skeleton(v) for k, v in node.items()}
 
 
 class LayerStack(NamedTuple):
@@ -223,58 +225,26 @@ def layer_stack(params_like: Any) -> LayerStack:
   becomes one subtree under `STACKED` with leaves ``[n, ...]``.
   """
   shapes = jax.eval_shape(lambda p: p, params_like)
-  treedef = jax.tree_util.tree_structure(shapes)
   canon = {path: j for j, path in enumerate(_paths(shapes))}
-  plan = _plan(shapes)
+  skeleton = _skeleton(shapes)
   members: list[tuple[int, ...]] = []
-  stacked: list[bool] = []
-
-  def walk(node_plan, node, prefix):
-    if isinstance(node_plan, dict):
-      if STACKED in node_plan and isinstance(node_plan[STACKED], tuple):
-        by_index = {_layer_index(k): (k, v) for k, v in node.items()}
-        _, first = by_index[0]
-        for sub in _paths(first):
-          members.append(tuple(canon[prefix + (by_index[i][0],) + sub]
-                               for i in range(len(node))))
-          stacked.append(True)
-        return {STACKED: jax.tree.map(
-            lambda *a: jax.ShapeDtypeStruct((len(a),) + a[0].shape, a[0].dtype),
-            *[by_index[i][1] for i in range(len(node))])}
-      return {k: walk(node_plan[k], node[k], prefix + (k,)) for k in node_plan}
-    members.append((canon[prefix],))
-    stacked.append(False)
-    return node
-
-  skeleton = walk(plan, shapes, ())
-  stacked_treedef = jax.tree_util.tree_structure(skeleton)
-  # The stacked tree's leaves come out in its own flatten order (sorted keys):
-  # reorder members to match.
-  order = {path: n for n, path in enumerate(_paths(skeleton))}
-  walk_paths = []
-
-  def collect(node, prefix):
-    if isinstance(node, dict):
-      if STACKED in node and not isinstance(node[STACKED], jax.ShapeDtypeStruct):
-        for sub in _paths(node[STACKED]):
-          walk_paths.append(prefix + (STACKED,) + sub)
-        return
-      for k in node:
-        collect(node[k], prefix + (k,))
-      return
-    walk_paths.append(prefix)
-
-  collect(skeleton, ())
-  ordered_members: list[tuple[int, ...]] = [()] * len(members)
-  ordered_stacked: list[bool] = [False] * len(members)
-  for path, m, s in zip(walk_paths, members, stacked):
-    ordered_members[order[path]] = m
-    ordered_stacked[order[path]] = s
-  return LayerStack(treedef, stacked_treedef, tuple(ordered_members), tuple(ordered_stacked),
-                    sum(1 for v in jax.tree.leaves(plan, is_leaf=lambda x: isinstance(x, tuple))
-                        if v[0] == 'stack'))
+  stacks = set()   # the paths of the stacked mappings
+  for path in _paths(skeleton):   # in the stacked tree's leaf order
+    if STACKED not in path:
+      members.append((canon[path],))
+      continue
+    at = path.index(STACKED)
+    node = shapes
+    for key in path[:at]:
+      node = node[key]
+    stacks.add(path[:at])
+    members.append(tuple(canon[canonical_path(path, key)]
+                         for key in sorted(node, key=_layer_index)))
+  return LayerStack(jax.tree_util.tree_structure(shapes),
+                    jax.tree_util.tree_structure(skeleton), tuple(members),
+                    tuple(STACKED in path for path in _paths(skeleton)), len(stacks))
 
 
-def canonical_path(path: tuple[Any, ...], index: int) -> tuple[Any, ...]:
-  """The canonical path of layer ``index`` of a stacked tree's ``path``."""
+def canonical_path(path: tuple[Any, ...], index: Any) -> tuple[Any, ...]:
+  """The canonical path of layer ``index`` (its key) of a stacked tree's ``path``."""
   return tuple(index if k == STACKED else k for k in path)

@@ -68,15 +68,10 @@ def make_config(num_layers: int, scan: bool):
   return c
 
 
-STACKED = {}   # depth -> whether the scanned round kept its layers stacked
-
-
 def compiled_round(num_layers: int, scan: bool, workdir: str, task_data):
-  """(compiled apply, its arguments, lower seconds, compile seconds)."""
+  """(compiled apply, its arguments, lower seconds, compile seconds, stacked layers)."""
   config = make_config(num_layers, scan)
   exp = train.build_experiment(config, workdir, task_data=task_data)
-  if scan:
-    STACKED[num_layers] = exp.fed_round.layout is not None
   state = exp.fed_round.init(exp.split.trainable, jax.random.key(config.seed))
   data = jax.device_put(exp.round_data(0))
   t0 = time.perf_counter()
@@ -84,7 +79,8 @@ def compiled_round(num_layers: int, scan: bool, workdir: str, task_data):
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  return compiled, (state, exp.split.frozen, data), t1 - t0, t2 - t1
+  return (compiled, (state, exp.split.frozen, data), t1 - t0, t2 - t1,
+          exp.fed_round.layout is not None)
 
 
 def round_times(runs: dict, repeats: int) -> dict:
@@ -149,7 +145,7 @@ def main():
   step_runs = {}
   for depth in ARGS.depths:
     for scan in (True, False):
-      fn, args, lower_s, comp_s = compiled_round(depth, scan, workdir, task_data)
+      fn, args, lower_s, comp_s, stacked = compiled_round(depth, scan, workdir, task_data)
       total = lower_s + comp_s
       compile_s[scan][depth] = total
       mode = 'scan' if scan else 'loop'
@@ -158,7 +154,7 @@ def main():
             flush=True)
       result[f'{mode}_l{depth}_compile_s'] = round(total, 3)
       if scan:   # whether the round kept the layers stacked
-        result[f'scan_l{depth}_stacked'] = STACKED[depth]
+        result[f'scan_l{depth}_stacked'] = stacked
       if depth == ARGS.step_layers:
         step_runs[mode] = (fn, args)
   lo, hi = min(ARGS.depths), max(ARGS.depths)

@@ -665,5 +665,5 @@ def build_round(loss_fn: client_lib.LossFn,
                         frozen_view=(jax.jit(frozen_view) if aggregator.base is not None
                                      else frozen_view),
                         layout=layout,
-                        canonical_params=(jax.jit(layout.unstack) if layout is not None
-                                          else lambda params: params))
+                        **({'canonical_params': jax.jit(layout.unstack)} if layout is not None
+                           else {}))

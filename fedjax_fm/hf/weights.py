@@ -427,9 +427,10 @@ def _normalize_keys(tensors: dict[str, Any], family: str) -> dict[str, Any]:
 _LAYER_INDEX = re.compile(r'(?:^|\.)(?:layer|layers|h)\.(\d+)\.')
 
 
-def _layer_of(key: str) -> int | None:
+def _layer_of(key: str) -> int:
+  """The layer index in an HF tensor name, or -1 (not in a layer)."""
   m = _LAYER_INDEX.search(key)
-  return None if m is None else int(m.group(1))
+  return -1 if m is None else int(m.group(1))
 
 
 def load_hf_weights(
@@ -480,12 +481,14 @@ def load_hf_weights(
   ignored = [re.compile(p) for p in _IGNORED[family]]
   if 'lm_head.weight' not in wanted:
     ignored.append(re.compile(r'lm_head\.weight'))  # tied embeddings
-  depth = max((_layer_of(k) for k in wanted if _layer_of(k) is not None), default=-1) + 1
-  deeper = lambda k: first_layers and (_layer_of(k) or 0) >= depth   # pylint: disable=unnecessary-lambda-assignment
+  deeper = set()
+  if first_layers:   # the checkpoint's layers beyond the model's are left unread
+    depth = 1 + max(map(_layer_of, wanted), default=-1)
+    deeper = {k for k in tensors if _layer_of(k) >= depth}
   missing = sorted(wanted - set(tensors))
   unexpected = sorted(
       k for k in tensors
-      if k not in wanted and not any(p.fullmatch(k) for p in ignored) and not deeper(k)
+      if k not in wanted and k not in deeper and not any(p.fullmatch(k) for p in ignored)
   )
   if missing or unexpected:
     more = lambda x: ' ...' if len(x) > 10 else ''
